@@ -1,0 +1,425 @@
+//! Operations on a running VM over its guest connection: exec with streamed output,
+//! file write/read/list, REPL warm-up.
+//!
+//! Error semantics: a failure to send the request means the code never ran (transient);
+//! losing the transport after the request went out means the outcome is unknown.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use guest_proto::{
+    DirEntry, ExecRequest as WireExec, GuestErrorKind, GuestMessage, HostMessage, Sha256Hasher,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::warn;
+
+use crate::Language;
+use crate::error::{Error, ErrorKind, Result, TransientCause};
+use crate::manager::Vm;
+use crate::ports::OpStream;
+use crate::request::ExecRequest;
+use crate::result::millis;
+use crate::vm::VmState;
+
+/// Extra time past the exec timeout before the host gives up on the guest.
+pub const HARD_DEADLINE_GRACE: Duration = Duration::from_secs(10);
+
+/// A callback that receives output chunks as they arrive.
+pub type OutputCallback = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Streaming callbacks for one exec. A callback that panics is disabled for the rest of
+/// the exec; the output is still collected.
+#[derive(Clone, Default)]
+pub struct OutputCallbacks {
+    /// Called with each stdout chunk.
+    pub on_stdout: Option<OutputCallback>,
+    /// Called with each stderr chunk.
+    pub on_stderr: Option<OutputCallback>,
+}
+
+impl std::fmt::Debug for OutputCallbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputCallbacks")
+            .field("on_stdout", &self.on_stdout.is_some())
+            .field("on_stderr", &self.on_stderr.is_some())
+            .finish()
+    }
+}
+
+struct GuardedCallback {
+    cb: Option<OutputCallback>,
+    disabled: AtomicBool,
+}
+
+impl GuardedCallback {
+    fn new(cb: Option<OutputCallback>) -> Self {
+        Self {
+            cb,
+            disabled: AtomicBool::new(false),
+        }
+    }
+
+    fn call(&self, chunk: &[u8]) {
+        if self.disabled.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(cb) = &self.cb
+            && std::panic::catch_unwind(AssertUnwindSafe(|| cb(chunk))).is_err()
+        {
+            warn!("an output callback panicked; it is disabled for the rest of this exec");
+            self.disabled.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the guest reported for one exec.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// Raw stdout bytes.
+    pub stdout: Vec<u8>,
+    /// Raw stderr bytes.
+    pub stderr: Vec<u8>,
+    /// Exit code (−1 on timeout).
+    pub exit_code: i32,
+    /// Guest-measured execution time.
+    pub execution_ms: u64,
+    /// Host-measured round trip.
+    pub round_trip_ms: u64,
+}
+
+/// Maps a guest error report to the public taxonomy.
+pub fn guest_error(kind: GuestErrorKind, message: String) -> Error {
+    match kind {
+        GuestErrorKind::Code => Error::input("code", message),
+        GuestErrorKind::EnvVar => Error::input("env", message),
+        GuestErrorKind::Package => Error::input("packages", message),
+        GuestErrorKind::OutputLimit => Error::new(ErrorKind::OutputLimit, message),
+        GuestErrorKind::Execution => Error::transient(TransientCause::Execution, message),
+        GuestErrorKind::Timeout => Error::transient(TransientCause::Infrastructure, message),
+        GuestErrorKind::Path
+        | GuestErrorKind::Io
+        | GuestErrorKind::Request
+        | GuestErrorKind::Protocol => Error::new(ErrorKind::Guest, format!("{kind}: {message}")),
+    }
+}
+
+fn lost(vm: &Vm, op: &str) -> Error {
+    Error::outcome_unknown(format!(
+        "lost the connection to the guest during {op}; the operation may have run"
+    ))
+    .with_vm(vm.id())
+    .with_operation(op.to_owned())
+}
+
+fn unexpected(vm: &Vm, op: &str, msg: &GuestMessage) -> Error {
+    Error::new(
+        ErrorKind::Guest,
+        format!("unexpected {} reply during {op}", msg.name()),
+    )
+    .with_vm(vm.id())
+    .with_operation(op.to_owned())
+}
+
+/// Sends a request; a send failure means nothing was dispatched (transient).
+async fn dispatch(vm: &Vm, op: &str, msg: HostMessage) -> Result<OpStream> {
+    vm.conn().request(msg).await.map_err(|e| {
+        if e.kind() == ErrorKind::OutcomeUnknown {
+            e
+        } else {
+            Error::transient(
+                TransientCause::Infrastructure,
+                format!("could not send {op} to the guest: {}", e.message()),
+            )
+            .with_vm(vm.id())
+            .with_operation(op.to_owned())
+        }
+    })
+}
+
+/// Keeps the lifecycle in `Executing` while an operation runs.
+struct Busy<'a>(&'a Vm);
+
+impl<'a> Busy<'a> {
+    fn enter(vm: &'a Vm) -> Result<Self> {
+        vm.transition(VmState::Executing)
+            .map_err(|_| Error::session_closed(format!("VM is {}", vm.state())).with_vm(vm.id()))?;
+        Ok(Self(vm))
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if self.0.state() == VmState::Executing {
+            let _ = self.0.transition(VmState::Ready);
+        }
+    }
+}
+
+impl Vm {
+    /// Runs `req` in the VM's REPL for `language`, streaming output to `callbacks`.
+    ///
+    /// A timeout is a result with exit code −1, not an error.
+    pub async fn exec(
+        &self,
+        language: Language,
+        req: &ExecRequest,
+        callbacks: &OutputCallbacks,
+    ) -> Result<ExecOutcome> {
+        let _busy = Busy::enter(self)?;
+        let started = Instant::now();
+        let mut stream = dispatch(
+            self,
+            "exec",
+            HostMessage::Exec(WireExec {
+                language,
+                code: req.code.clone(),
+                timeout_secs: req.timeout_secs,
+                env: req.env.clone(),
+            }),
+        )
+        .await?;
+        let on_stdout = GuardedCallback::new(callbacks.on_stdout.clone());
+        let on_stderr = GuardedCallback::new(callbacks.on_stderr.clone());
+        let mut out = ExecOutcome::default();
+        let deadline = Duration::from_secs(u64::from(req.timeout_secs)) + HARD_DEADLINE_GRACE;
+        let collect = async {
+            loop {
+                let Some(msg) = stream.recv().await else {
+                    return Err(lost(self, "exec"));
+                };
+                match msg {
+                    GuestMessage::Stdout(chunk) => {
+                        on_stdout.call(&chunk);
+                        out.stdout.extend_from_slice(&chunk);
+                    }
+                    GuestMessage::Stderr(chunk) => {
+                        on_stderr.call(&chunk);
+                        out.stderr.extend_from_slice(&chunk);
+                    }
+                    GuestMessage::ExecDone {
+                        exit_code,
+                        execution_ms,
+                        ..
+                    } => {
+                        out.exit_code = exit_code;
+                        out.execution_ms = execution_ms;
+                        return Ok(());
+                    }
+                    GuestMessage::Error { kind, message } => {
+                        return Err(guest_error(kind, message)
+                            .with_vm(self.id())
+                            .with_operation("exec"));
+                    }
+                    other => return Err(unexpected(self, "exec", &other)),
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, collect).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;
+                return Err(Error::outcome_unknown(format!(
+                    "the guest did not finish within {} s past the timeout",
+                    HARD_DEADLINE_GRACE.as_secs()
+                ))
+                .with_vm(self.id())
+                .with_operation("exec"));
+            }
+        }
+        out.round_trip_ms = millis(started.elapsed());
+        Ok(out)
+    }
+
+    /// Starts the REPL for `language` ahead of the first exec.
+    pub async fn warm_up(&self, language: Language) -> Result<()> {
+        let _busy = Busy::enter(self)?;
+        let mut stream = dispatch(self, "warm_up", HostMessage::WarmUp { language }).await?;
+        match stream.recv().await {
+            Some(GuestMessage::WarmUpDone { .. }) => Ok(()),
+            Some(GuestMessage::Error { kind, message }) => Err(guest_error(kind, message)
+                .with_vm(self.id())
+                .with_operation("warm_up")),
+            Some(other) => Err(unexpected(self, "warm_up", &other)),
+            None => Err(lost(self, "warm_up")),
+        }
+    }
+
+    /// Streams `reader` into the guest file `path` (relative to `/home/user`).
+    /// Returns the size and SHA-256 the guest verified.
+    pub async fn write_file<R>(
+        &self,
+        path: &str,
+        reader: &mut R,
+        executable: bool,
+    ) -> Result<(u64, [u8; 32])>
+    where
+        R: AsyncRead + Unpin + Send + ?Sized,
+    {
+        guest_proto::limits::normalize_guest_path(path, false)
+            .map_err(|e| Error::input("path", e.to_string()))?;
+        let _busy = Busy::enter(self)?;
+        let mut stream = dispatch(
+            self,
+            "write_file",
+            HostMessage::WriteFile {
+                path: path.to_owned(),
+                executable,
+            },
+        )
+        .await?;
+        let op = stream.op_id;
+        let mut hasher = Sha256Hasher::new();
+        let mut buf = vec![0u8; guest_proto::CHUNK_BYTES];
+        loop {
+            // The guest may refuse early (bad path): stop sending then.
+            if let Ok(msg) = stream.rx.try_recv() {
+                return match msg {
+                    GuestMessage::Error { kind, message } => Err(guest_error(kind, message)
+                        .with_vm(self.id())
+                        .with_operation("write_file")),
+                    other => Err(unexpected(self, "write_file", &other)),
+                };
+            }
+            let n = reader.read(&mut buf).await.map_err(|e| {
+                Error::input("content", "reading the local content failed").with_source(e)
+            });
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    // Abort: the guest discards the partial temp file.
+                    let _ = self.conn().send(op, HostMessage::Cancel).await;
+                    return Err(e);
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if hasher.len() > guest_proto::limits::MAX_FILE_BYTES {
+                let _ = self.conn().send(op, HostMessage::Cancel).await;
+                return Err(Error::input(
+                    "content",
+                    format!(
+                        "file exceeds the {} byte limit",
+                        guest_proto::limits::MAX_FILE_BYTES
+                    ),
+                ));
+            }
+            self.conn()
+                .send(
+                    op,
+                    HostMessage::WriteChunk(Bytes::copy_from_slice(&buf[..n])),
+                )
+                .await
+                .map_err(|_| lost(self, "write_file"))?;
+        }
+        let (size, digest) = hasher.finish();
+        self.conn()
+            .send(
+                op,
+                HostMessage::WriteEnd {
+                    size,
+                    sha256: digest.0,
+                },
+            )
+            .await
+            .map_err(|_| lost(self, "write_file"))?;
+        match stream.recv().await {
+            Some(GuestMessage::FileWritten { size: s, sha256 })
+                if s == size && sha256 == digest.0 =>
+            {
+                Ok((size, sha256))
+            }
+            Some(GuestMessage::FileWritten { .. }) => Err(Error::new(
+                ErrorKind::Guest,
+                "the guest acknowledged a different size or digest",
+            )
+            .with_vm(self.id())
+            .with_operation("write_file")),
+            Some(GuestMessage::Error { kind, message }) => Err(guest_error(kind, message)
+                .with_vm(self.id())
+                .with_operation("write_file")),
+            Some(other) => Err(unexpected(self, "write_file", &other)),
+            None => Err(lost(self, "write_file")),
+        }
+    }
+
+    /// Streams the guest file `path` into `writer`; verifies size and SHA-256.
+    pub async fn read_file<W>(&self, path: &str, writer: &mut W) -> Result<(u64, [u8; 32])>
+    where
+        W: AsyncWrite + Unpin + Send + ?Sized,
+    {
+        guest_proto::limits::normalize_guest_path(path, false)
+            .map_err(|e| Error::input("path", e.to_string()))?;
+        let _busy = Busy::enter(self)?;
+        let mut stream = dispatch(
+            self,
+            "read_file",
+            HostMessage::ReadFile {
+                path: path.to_owned(),
+            },
+        )
+        .await?;
+        let mut hasher = Sha256Hasher::new();
+        loop {
+            match stream.recv().await {
+                Some(GuestMessage::FileChunk(chunk)) => {
+                    hasher.update(&chunk);
+                    if let Err(e) = writer.write_all(&chunk).await {
+                        let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;
+                        return Err(Error::input("destination", "writing the local file failed")
+                            .with_source(e));
+                    }
+                }
+                Some(GuestMessage::FileRead { size, sha256 }) => {
+                    let (got, digest) = hasher.finish();
+                    if got != size || digest.0 != sha256 {
+                        return Err(Error::new(
+                            ErrorKind::Guest,
+                            format!("file transfer corrupted: got {got} bytes, guest sent {size}"),
+                        )
+                        .with_vm(self.id())
+                        .with_operation("read_file"));
+                    }
+                    writer.flush().await.map_err(|e| {
+                        Error::input("destination", "writing the local file failed").with_source(e)
+                    })?;
+                    return Ok((size, sha256));
+                }
+                Some(GuestMessage::Error { kind, message }) => {
+                    return Err(guest_error(kind, message)
+                        .with_vm(self.id())
+                        .with_operation("read_file"));
+                }
+                Some(other) => return Err(unexpected(self, "read_file", &other)),
+                None => return Err(lost(self, "read_file")),
+            }
+        }
+    }
+
+    /// Lists the guest directory `path` (`""` is `/home/user`).
+    pub async fn list_files(&self, path: &str) -> Result<Vec<DirEntry>> {
+        guest_proto::limits::normalize_guest_path(path, true)
+            .map_err(|e| Error::input("path", e.to_string()))?;
+        let _busy = Busy::enter(self)?;
+        let mut stream = dispatch(
+            self,
+            "list_files",
+            HostMessage::ListDir {
+                path: path.to_owned(),
+            },
+        )
+        .await?;
+        match stream.recv().await {
+            Some(GuestMessage::DirListing { entries }) => Ok(entries),
+            Some(GuestMessage::Error { kind, message }) => Err(guest_error(kind, message)
+                .with_vm(self.id())
+                .with_operation("list_files")),
+            Some(other) => Err(unexpected(self, "list_files", &other)),
+            None => Err(lost(self, "list_files")),
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The ports: the only ways orchestration reaches the outside world.
+//!
+//! Each port is a small object-safe async trait. Real adapters live in sibling crates
+//! (`qemu-cmd`, `overlay`, `cgroupv2`, `netproxy`); tests use the mockall mocks exported
+//! behind the `mocks` feature (`MockHypervisor`, `MockVmProcess`, `MockOverlayStore`,
+//! `MockResourceLimiter`, `MockNetworkProxy`, `MockGuestChannel`, `MockGuestConnection`).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use guest_proto::{GuestMessage, HostMessage, OpId};
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+use crate::request::PortMapping;
+use crate::result::ExposedPort;
+use crate::vm::VmId;
+
+/// How guest code is executed by the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl fmt::Display for Accelerator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        })
+    }
+}
+
+/// What the hypervisor must attach for the VM's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkAttachment {
+    /// A unix stream socket speaking QEMU's `-netdev stream` framing.
+    UnixStream {
+        /// The socket the proxy listens on.
+        socket: PathBuf,
+    },
+}
+
+/// Where the guest console goes.
+#[derive(Debug, Clone)]
+pub struct ConsoleSpec {
+    /// Bounded console log file in the work dir.
+    pub log_path: PathBuf,
+    /// Bytes of console output kept.
+    pub max_bytes: u64,
+    /// Optional live stream of console lines (boot log).
+    pub lines: Option<mpsc::UnboundedSender<String>>,
+    /// Verbose kernel output (debug boots).
+    pub verbose: bool,
+}
+
+/// Everything needed to launch one VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The VM's id.
+    pub vm_id: VmId,
+    /// Per-VM directory for sockets, overlay and logs (0700).
+    pub work_dir: PathBuf,
+    /// PVH `vmlinux`.
+    pub kernel: PathBuf,
+    /// Compressed initramfs.
+    pub initramfs: PathBuf,
+    /// Writable root disk (the overlay).
+    pub disk: PathBuf,
+    /// Guest memory in MiB.
+    pub memory_mb: u32,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// KVM or TCG.
+    pub accelerator: Accelerator,
+    /// Unix socket of the guest agent's virtio-serial port.
+    pub agent_socket: PathBuf,
+    /// Unix socket of QEMU's QMP monitor.
+    pub qmp_socket: PathBuf,
+    /// Network device, or none (`-nic none`).
+    pub network: Option<NetworkAttachment>,
+    /// Console handling.
+    pub console: ConsoleSpec,
+}
+
+/// How a VM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExitInfo {
+    /// Exit code, when it exited normally.
+    pub code: Option<i32>,
+    /// Signal, when it was killed by one.
+    pub signal: Option<i32>,
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code {c}"),
+            (None, Some(s)) => write!(f, "signal {s}"),
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+/// Commands of the hypervisor's control interface (QMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlCommand {
+    /// Pause the vCPUs.
+    Stop,
+    /// Resume the vCPUs.
+    Cont,
+    /// Ask QEMU to exit.
+    Quit,
+    /// Report the run state.
+    QueryStatus,
+}
+
+/// Answer of the control interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlReply {
+    /// The command succeeded.
+    Done,
+    /// Run state (`running`, `paused`, ...).
+    Status {
+        /// True when the vCPUs run.
+        running: bool,
+        /// QEMU's status string.
+        status: String,
+    },
+}
+
+/// Launches VMs.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Starts a VM from `spec`. Returns once the process runs, not when the guest is up.
+    async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmProcess>>;
+}
+
+/// A running VM process.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait VmProcess: Send + Sync {
+    /// Host pid of the VM process.
+    fn pid(&self) -> Option<u32>;
+    /// Resolves when the process has exited.
+    async fn wait_exit(&self) -> ExitInfo;
+    /// The exit status if the process already exited.
+    fn try_exit(&self) -> Option<ExitInfo>;
+    /// Terminates the process (TERM, then KILL after `grace`). Idempotent.
+    async fn kill(&self, grace: Duration) -> Result<()>;
+    /// Sends a command to the control interface.
+    async fn control(&self, cmd: ControlCommand) -> Result<ControlReply>;
+    /// The last lines of the VM's stderr, for diagnostics.
+    fn stderr_tail(&self) -> String;
+    /// The last lines of the guest console, for diagnostics.
+    fn console_tail(&self) -> String;
+}
+
+/// A writable disk for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// Path of the overlay file.
+    pub path: PathBuf,
+}
+
+/// Hands out writable overlays over read-only base images.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait OverlayStore: Send + Sync {
+    /// A fresh overlay over `base`, placed in `work_dir`.
+    async fn acquire(&self, base: &std::path::Path, work_dir: &std::path::Path) -> Result<Overlay>;
+    /// Deletes an overlay. Idempotent.
+    async fn release(&self, overlay: &Overlay) -> Result<()>;
+}
+
+/// Resource limits for one VM (QEMU and its helpers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceLimits {
+    /// Tenant the VM is accounted to.
+    pub tenant: String,
+    /// Memory ceiling in bytes for the whole VM process.
+    pub memory_max_bytes: u64,
+    /// CPU ceiling in cores (e.g. 1.25).
+    pub cpu_max_cores: f64,
+    /// Maximum number of tasks.
+    pub pids_max: u64,
+}
+
+/// Which mechanism enforces the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitMode {
+    /// A cgroup v2 leaf per VM.
+    CgroupV2,
+    /// Per-process rlimits (cgroup v2 controllers not delegated).
+    Rlimit,
+}
+
+/// A handle to one VM's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitHandle {
+    /// The VM.
+    pub vm_id: VmId,
+    /// How limits are enforced.
+    pub mode: LimitMode,
+    /// The cgroup directory, in cgroup mode.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Measured usage of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResourceUsage {
+    /// CPU time in milliseconds.
+    pub cpu_time_ms: Option<u64>,
+    /// Peak memory in bytes.
+    pub memory_peak_bytes: Option<u64>,
+}
+
+/// Creates and removes per-VM resource limits.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait ResourceLimiter: Send + Sync {
+    /// Prepares limits for a VM.
+    async fn create(&self, vm_id: VmId, limits: &ResourceLimits) -> Result<LimitHandle>;
+    /// Puts a process under the limits.
+    async fn attach(&self, handle: &LimitHandle, pid: u32) -> Result<()>;
+    /// Reads CPU time and peak memory.
+    async fn usage(&self, handle: &LimitHandle) -> Result<ResourceUsage>;
+    /// Removes the limits. Idempotent.
+    async fn remove(&self, handle: &LimitHandle) -> Result<()>;
+}
+
+/// What a VM may reach on the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkPolicy {
+    /// No network device at all.
+    None,
+    /// Only host→guest port forwards; every guest-initiated connection is refused.
+    PortsOnly {
+        /// Forwards.
+        ports: Vec<PortMapping>,
+    },
+    /// Only these domains and their subdomains.
+    Allowlist {
+        /// Allowed domains (validated, lowercase).
+        domains: Vec<String>,
+        /// Forwards.
+        ports: Vec<PortMapping>,
+    },
+    /// Unfiltered outbound access (explicit opt-in).
+    Open {
+        /// Forwards.
+        ports: Vec<PortMapping>,
+    },
+}
+
+impl NetworkPolicy {
+    /// The policy a validated request asks for.
+    pub fn from_request(req: &crate::request::NetworkRequest) -> Self {
+        let ports = req.expose_ports.clone();
+        match (
+            req.allow_network,
+            req.allowed_domains.is_empty(),
+            ports.is_empty(),
+        ) {
+            (false, _, true) => Self::None,
+            (false, _, false) => Self::PortsOnly { ports },
+            (true, true, _) => Self::Open { ports },
+            (true, false, _) => Self::Allowlist {
+                domains: req.allowed_domains.clone(),
+                ports,
+            },
+        }
+    }
+}
+
+/// A running per-VM network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkHandle {
+    /// The VM.
+    pub vm_id: VmId,
+    /// What QEMU attaches to.
+    pub attachment: NetworkAttachment,
+    /// Forwards that are listening on the host.
+    pub exposed_ports: Vec<ExposedPort>,
+}
+
+/// Starts and stops per-VM networks.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait NetworkProxy: Send + Sync {
+    /// Starts the network for `policy` (never called with [`NetworkPolicy::None`]).
+    async fn start(
+        &self,
+        vm_id: VmId,
+        policy: &NetworkPolicy,
+        work_dir: &std::path::Path,
+    ) -> Result<NetworkHandle>;
+    /// Stops it and closes every listener. Idempotent.
+    async fn stop(&self, handle: &NetworkHandle) -> Result<()>;
+}
+
+/// What the guest said when the channel connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Protocol version the agent speaks.
+    pub protocol_version: u8,
+    /// Agent build version.
+    pub agent_version: String,
+    /// Guest boot time reported by the agent, when known.
+    pub boot_ms: Option<u64>,
+}
+
+/// The replies and events of one operation. `None` from [`OpStream::recv`] means the
+/// transport was lost before the operation finished.
+#[derive(Debug)]
+pub struct OpStream {
+    /// The operation's id.
+    pub op_id: OpId,
+    /// Its replies, in order.
+    pub rx: mpsc::Receiver<GuestMessage>,
+}
+
+impl OpStream {
+    /// The next reply, or `None` when the transport is gone.
+    pub async fn recv(&mut self) -> Option<GuestMessage> {
+        self.rx.recv().await
+    }
+}
+
+/// Opens connections to a VM's guest agent.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait GuestChannel: Send + Sync {
+    /// Connects to the agent behind `socket`, checks the peer, and completes the version
+    /// handshake within `timeout`.
+    async fn connect(
+        &self,
+        socket: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<(Box<dyn GuestConnection>, AgentInfo)>;
+}
+
+/// A connected guest agent.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait GuestConnection: Send + Sync {
+    /// Sends a request under a fresh operation id and returns its reply stream.
+    async fn request(&self, msg: HostMessage) -> Result<OpStream>;
+    /// Sends a follow-up frame of an existing operation (file chunks, cancel).
+    async fn send(&self, op_id: OpId, msg: HostMessage) -> Result<()>;
+    /// True while the transport is up.
+    fn is_alive(&self) -> bool;
+    /// Closes the transport; pending operations see the end of their streams.
+    async fn close(&self);
+}

@@ -1,0 +1,342 @@
+//! The scheduler: what library users call. `run` executes code in a fresh VM that is always
+//! destroyed afterwards; `session` keeps a VM across execs.
+//!
+//! Error semantics: infrastructure failures before the code was dispatched are transient
+//! (safe to retry); losing the transport after dispatch is outcome-unknown; a timeout is a
+//! result with exit code −1, not an error.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{Instrument, info_span};
+
+use crate::admission::{Admission, AdmissionConfig, AdmissionPermit};
+use crate::error::{Error, PermanentCause, Result};
+use crate::manager::{VmManager, VmOptions};
+use crate::ops::OutputCallbacks;
+use crate::ports::NetworkPolicy;
+use crate::request::{
+    DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS, MAX_IDLE_TIMEOUT_SECS,
+    MIN_IDLE_TIMEOUT_SECS, MIN_MEMORY_MB, RunRequest, SessionRequest,
+};
+use crate::result::{ExecutionResult, TimingBreakdown, millis};
+use crate::session::{Session, WeakSession};
+use crate::warm_pool::{WarmPool, WarmPoolConfig};
+
+/// Scheduler settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// Warm VMs kept per language (0 disables the pool).
+    pub warm_pool_size: usize,
+    /// Memory of requests that do not say (and of warm VMs), MiB.
+    pub default_memory_mb: u32,
+    /// Timeout of requests that do not say, seconds.
+    pub default_timeout_secs: u32,
+    /// Idle timeout of sessions that do not say, seconds.
+    pub session_idle_timeout_secs: u32,
+    /// Memory and CPU budgets; `None` disables admission control.
+    pub admission: Option<AdmissionConfig>,
+    /// Warm pool health check period.
+    pub health_interval: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            warm_pool_size: 0,
+            default_memory_mb: DEFAULT_MEMORY_MB,
+            default_timeout_secs: DEFAULT_TIMEOUT_SECS,
+            session_idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            admission: None,
+            health_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Checks every range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::permanent(PermanentCause::Config, m));
+        if self.warm_pool_size > 64 {
+            return bad(format!(
+                "warm pool size {} is above 64",
+                self.warm_pool_size
+            ));
+        }
+        if self.default_memory_mb < MIN_MEMORY_MB {
+            return bad(format!(
+                "default memory {} MB is below {MIN_MEMORY_MB}",
+                self.default_memory_mb
+            ));
+        }
+        if !(1..=300).contains(&self.default_timeout_secs) {
+            return bad(format!(
+                "default timeout {} s is outside 1-300",
+                self.default_timeout_secs
+            ));
+        }
+        if !(MIN_IDLE_TIMEOUT_SECS..=MAX_IDLE_TIMEOUT_SECS)
+            .contains(&self.session_idle_timeout_secs)
+        {
+            return bad(format!(
+                "session idle timeout {} s is outside {MIN_IDLE_TIMEOUT_SECS}-{MAX_IDLE_TIMEOUT_SECS}",
+                self.session_idle_timeout_secs
+            ));
+        }
+        if let Some(a) = &self.admission {
+            a.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-call options of `run` and `session` that are not part of the request data.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Streaming output callbacks.
+    pub callbacks: OutputCallbacks,
+    /// Live boot log (kernel and agent lines); skips the warm pool.
+    pub boot_log: Option<mpsc::UnboundedSender<String>>,
+}
+
+struct Inner {
+    cfg: SchedulerConfig,
+    manager: VmManager,
+    admission: Option<Admission>,
+    pool: Mutex<Option<Arc<WarmPool>>>,
+    live_sessions: Mutex<Vec<WeakSession>>,
+    started: AtomicBool,
+    stopped: AtomicBool,
+}
+
+/// Runs code in microVMs. Cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("config", &self.inner.cfg)
+            .field("manager", &self.inner.manager)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// A scheduler over `manager`. Call [`Scheduler::start`] before use.
+    pub fn new(cfg: SchedulerConfig, manager: VmManager) -> Result<Self> {
+        cfg.validate()?;
+        let admission = cfg.admission.clone().map(Admission::new).transpose()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                manager,
+                admission,
+                pool: Mutex::new(None),
+                live_sessions: Mutex::new(Vec::new()),
+                started: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Starts background work (the warm pool). Starting twice is an error.
+    pub fn start(&self) -> Result<()> {
+        if self.inner.started.swap(true, Ordering::SeqCst) {
+            return Err(Error::permanent(
+                PermanentCause::Config,
+                "the scheduler was already started",
+            ));
+        }
+        if self.inner.cfg.warm_pool_size > 0 {
+            let mut pool_cfg = WarmPoolConfig::new(self.inner.cfg.warm_pool_size);
+            pool_cfg.memory_mb = self.inner.cfg.default_memory_mb;
+            pool_cfg.health_interval = self.inner.cfg.health_interval;
+            let pool = WarmPool::start(
+                pool_cfg,
+                self.inner.manager.clone(),
+                self.inner.admission.clone(),
+            );
+            if let Ok(mut p) = self.inner.pool.lock() {
+                *p = Some(Arc::new(pool));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops: the warm pool, every session, every VM. Idempotent.
+    pub async fn stop(&self) {
+        if self.inner.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let pool = self.inner.pool.lock().ok().and_then(|mut p| p.take());
+        if let Some(pool) = pool {
+            pool.stop().await;
+        }
+        let sessions: Vec<Session> = self
+            .inner
+            .live_sessions
+            .lock()
+            .map(|mut s| s.drain(..).filter_map(|w| w.upgrade()).collect())
+            .unwrap_or_default();
+        for s in sessions {
+            s.close().await;
+        }
+        self.inner.manager.destroy_all().await;
+    }
+
+    /// The VM manager.
+    pub fn manager(&self) -> &VmManager {
+        &self.inner.manager
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.inner.cfg
+    }
+
+    /// The warm pool, when enabled.
+    pub fn warm_pool(&self) -> Option<Arc<WarmPool>> {
+        self.inner.pool.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Waits until the warm pool is full (true at once without a pool).
+    pub async fn wait_pool_ready(&self, timeout: Duration) -> bool {
+        match self.warm_pool() {
+            Some(p) => p.wait_ready(timeout).await,
+            None => true,
+        }
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if !self.inner.started.load(Ordering::SeqCst) {
+            return Err(Error::permanent(
+                PermanentCause::Config,
+                "the scheduler is not started",
+            ));
+        }
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            return Err(Error::permanent(
+                PermanentCause::Config,
+                "the scheduler is stopped",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn admit(&self, memory_mb: u32) -> Result<Option<AdmissionPermit>> {
+        match &self.inner.admission {
+            Some(a) => {
+                let cfg = self.inner.manager.config();
+                let mem = f64::from(memory_mb) + cfg.vm_overhead_mb as f64;
+                let cpus = f64::from(cfg.vcpus);
+                Ok(Some(a.acquire(mem, cpus).await?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Runs `req` in a fresh VM (from the warm pool when eligible) and destroys the VM,
+    /// always — also on error and when the returned future is dropped.
+    pub async fn run(&self, mut req: RunRequest, opts: RunOptions) -> Result<ExecutionResult> {
+        self.check_running()?;
+        req.validate()?;
+        let span = info_span!("run", language = %req.language, task = req.task_id.as_deref().unwrap_or(""));
+        self.run_validated(req, opts).instrument(span).await
+    }
+
+    async fn run_validated(&self, req: RunRequest, opts: RunOptions) -> Result<ExecutionResult> {
+        let started = Instant::now();
+        let mut timing = TimingBreakdown::default();
+        let network = NetworkPolicy::from_request(&req.network);
+        let eligible = req.memory_mb == self.inner.cfg.default_memory_mb
+            && matches!(network, NetworkPolicy::None)
+            && opts.boot_log.is_none();
+
+        let pooled = if eligible {
+            self.warm_pool().and_then(|p| p.take(req.language))
+        } else {
+            None
+        };
+        let warm_pool_hit = pooled.is_some();
+        let (vm, _permit) = match pooled {
+            Some(p) => (p.vm, p.permit),
+            None => {
+                let t = Instant::now();
+                let permit = self.admit(req.memory_mb).await?;
+                timing.admission_ms = millis(t.elapsed());
+                let vm = self
+                    .inner
+                    .manager
+                    .create_vm(VmOptions {
+                        language: req.language,
+                        memory_mb: req.memory_mb,
+                        network,
+                        tenant: req.tenant.clone(),
+                        boot_log: opts.boot_log.clone(),
+                    })
+                    .await?;
+                let b = vm.boot_timings();
+                timing.setup_ms = b.setup_ms + b.slot_ms;
+                timing.overlay_ms = b.overlay_ms;
+                timing.boot_ms = b.boot_ms;
+                timing.guest_wait_ms = b.guest_wait_ms;
+                timing.boot_retries = b.retries;
+                (vm, permit)
+            }
+        };
+        // From here the VM is destroyed on every path: explicitly below, or by Vm's Drop
+        // if this future is cancelled.
+        let exec = req.exec_request();
+        let outcome = vm.exec(req.language, &exec, &opts.callbacks).await;
+        let usage = vm.usage().await;
+        let exposed_ports = vm.exposed_ports().to_vec();
+        timing.teardown_ms = millis(vm.destroy().await);
+        let outcome = outcome?;
+        timing.execute_ms = outcome.round_trip_ms;
+        timing.finish(started.elapsed());
+        Ok(ExecutionResult {
+            stdout: String::from_utf8_lossy(&outcome.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&outcome.stderr).into_owned(),
+            exit_code: outcome.exit_code,
+            execution_time_ms: Some(outcome.execution_ms),
+            cpu_time_ms: usage.cpu_time_ms,
+            memory_peak_mb: usage.memory_peak_bytes.map(|b| b / (1024 * 1024)),
+            timing,
+            warm_pool_hit,
+            exposed_ports,
+        })
+    }
+
+    /// Starts a session: a VM kept with its REPL state until closed or idle.
+    pub async fn session(&self, mut req: SessionRequest, opts: RunOptions) -> Result<Session> {
+        self.check_running()?;
+        req.validate()?;
+        let permit = self.admit(req.memory_mb).await?;
+        let vm = self
+            .inner
+            .manager
+            .create_vm(VmOptions {
+                language: req.language,
+                memory_mb: req.memory_mb,
+                network: NetworkPolicy::from_request(&req.network),
+                tenant: req.tenant.clone(),
+                boot_log: opts.boot_log.clone(),
+            })
+            .await?;
+        let session = Session::start(
+            vm,
+            permit,
+            Duration::from_secs(u64::from(req.idle_timeout_secs)),
+        );
+        if let Ok(mut live) = self.inner.live_sessions.lock() {
+            live.retain(|w| w.upgrade().is_some_and(|s| !s.is_closed()));
+            live.push(session.downgrade());
+        }
+        Ok(session)
+    }
+}

@@ -1,0 +1,453 @@
+//! Sessions: one VM and its interpreter state kept across many execs.
+//!
+//! All operations of a session are serialized (concurrent callers queue on one lock). The
+//! idle timer is paused while an operation runs and re-armed afterwards; when it fires the
+//! session closes. Failure semantics:
+//!
+//! | what happened | result | session |
+//! |---|---|---|
+//! | exception, syntax error, `sys.exit(n)` (n ≠ 137) | exit code | alive |
+//! | input validation error, output over the limit, bad path | error | alive |
+//! | timeout, `os._exit`, a signal | exit code (−1 / n / 128+sig) | alive, the guest resets the REPL |
+//! | exit code 137 (SIGKILL, OOM, `exit(137)`) | the result | closed afterwards |
+//! | VM died, transport lost, any other error | error | closed |
+//!
+//! A closed session answers every call with a session-closed error.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::time::Instant as TokioInstant;
+
+use guest_proto::DirEntry;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tracing::{debug, info};
+
+use crate::Language;
+use crate::admission::AdmissionPermit;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manager::Vm;
+use crate::ops::OutputCallbacks;
+use crate::request::ExecRequest;
+use crate::result::{ExecutionResult, ExposedPort, TimingBreakdown, millis};
+
+/// Exit code that ends a session: the REPL was SIGKILLed (or chose 137).
+pub const SESSION_FATAL_EXIT: i32 = 137;
+
+/// Identifier of a session.
+pub type SessionId = uuid::Uuid;
+
+struct SessionInner {
+    id: SessionId,
+    language: Language,
+    vm: tokio::sync::Mutex<Option<Vm>>,
+    permit: Mutex<Option<AdmissionPermit>>,
+    closed: AtomicBool,
+    exec_count: AtomicU64,
+    busy: AtomicUsize,
+    last_active: Mutex<TokioInstant>,
+    last_used: Mutex<SystemTime>,
+    created: SystemTime,
+    idle_timeout: Duration,
+    exposed_ports: Vec<ExposedPort>,
+    wake: Arc<Notify>,
+}
+
+/// A live sandbox session. Cheap to clone; every clone is the same session.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<SessionInner>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.inner.id)
+            .field("language", &self.inner.language)
+            .field("closed", &self.is_closed())
+            .field("exec_count", &self.exec_count())
+            .finish()
+    }
+}
+
+/// A weak handle that does not keep a session alive.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakSession(std::sync::Weak<SessionInner>);
+
+impl WeakSession {
+    /// The session, if a handle still exists.
+    pub(crate) fn upgrade(&self) -> Option<Session> {
+        self.0.upgrade().map(|inner| Session { inner })
+    }
+}
+
+/// Marks an operation in flight (pauses the idle timer) for its lifetime.
+struct Activity<'a>(&'a SessionInner);
+
+impl<'a> Activity<'a> {
+    fn start(inner: &'a SessionInner) -> Self {
+        inner.busy.fetch_add(1, Ordering::SeqCst);
+        Self(inner)
+    }
+}
+
+impl Drop for Activity<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.0.last_active.lock() {
+            *t = TokioInstant::now();
+        }
+        if let Ok(mut t) = self.0.last_used.lock() {
+            *t = SystemTime::now();
+        }
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+        self.0.wake.notify_one();
+    }
+}
+
+impl Session {
+    /// Wraps a booted VM. Starts the idle timer.
+    pub(crate) fn start(
+        vm: Vm,
+        permit: Option<AdmissionPermit>,
+        idle_timeout: Duration,
+    ) -> Session {
+        let inner = Arc::new(SessionInner {
+            id: uuid::Uuid::new_v4(),
+            language: vm.language(),
+            exposed_ports: vm.exposed_ports().to_vec(),
+            vm: tokio::sync::Mutex::new(Some(vm)),
+            permit: Mutex::new(permit),
+            closed: AtomicBool::new(false),
+            exec_count: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            last_active: Mutex::new(TokioInstant::now()),
+            last_used: Mutex::new(SystemTime::now()),
+            created: SystemTime::now(),
+            idle_timeout,
+            wake: Arc::new(Notify::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        let wake = inner.wake.clone();
+        tokio::spawn(async move {
+            idle_watch(weak, wake).await;
+        });
+        Session { inner }
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakSession {
+        WeakSession(Arc::downgrade(&self.inner))
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.inner.id
+    }
+
+    /// The session's language.
+    pub fn language(&self) -> Language {
+        self.inner.language
+    }
+
+    /// Successful execs so far.
+    pub fn exec_count(&self) -> u64 {
+        self.inner.exec_count.load(Ordering::SeqCst)
+    }
+
+    /// Ports exposed on the host (readable after close).
+    pub fn exposed_ports(&self) -> &[ExposedPort] {
+        &self.inner.exposed_ports
+    }
+
+    /// True once closed.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// When the session was created.
+    pub fn created(&self) -> SystemTime {
+        self.inner.created
+    }
+
+    /// When the last operation finished.
+    pub fn last_used(&self) -> SystemTime {
+        self.inner
+            .last_used
+            .lock()
+            .map(|t| *t)
+            .unwrap_or(self.inner.created)
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        self.inner.idle_timeout
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::session_closed(format!("session {} is closed", self.inner.id))
+    }
+
+    /// Takes the operation lock and checks the VM is alive; a dead VM closes the session.
+    async fn guard(&self) -> Result<(tokio::sync::MutexGuard<'_, Option<Vm>>, Activity<'_>)> {
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        let activity = Activity::start(&self.inner);
+        let guard = self.inner.vm.lock().await;
+        let Some(vm) = guard.as_ref() else {
+            return Err(self.closed_error());
+        };
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        if !vm.is_alive() {
+            drop(guard);
+            self.close().await;
+            return Err(Error::session_closed("the session's VM was retired"));
+        }
+        Ok((guard, activity))
+    }
+
+    /// Whether an error leaves the session usable.
+    fn survives(err: &Error) -> bool {
+        matches!(
+            err.kind(),
+            ErrorKind::Input | ErrorKind::OutputLimit | ErrorKind::Guest
+        )
+    }
+
+    async fn after_error(&self, err: Error) -> Error {
+        if !Self::survives(&err) {
+            info!(session = %self.inner.id, error = %err, "closing session after error");
+            self.close().await;
+        }
+        err
+    }
+
+    /// Runs code in the session's REPL.
+    pub async fn exec(
+        &self,
+        mut req: ExecRequest,
+        callbacks: &OutputCallbacks,
+    ) -> Result<ExecutionResult> {
+        req.validate()?;
+        let started = Instant::now();
+        let (guard, activity) = self.guard().await?;
+        let Some(vm) = guard.as_ref() else {
+            return Err(self.closed_error());
+        };
+        let outcome = vm.exec(self.inner.language, &req, callbacks).await;
+        let usage = vm.usage().await;
+        drop(guard);
+        drop(activity);
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => return Err(self.after_error(e).await),
+        };
+        self.inner.exec_count.fetch_add(1, Ordering::SeqCst);
+        let mut timing = TimingBreakdown {
+            execute_ms: outcome.round_trip_ms,
+            ..Default::default()
+        };
+        timing.finish(started.elapsed());
+        let result = ExecutionResult {
+            stdout: String::from_utf8_lossy(&outcome.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&outcome.stderr).into_owned(),
+            exit_code: outcome.exit_code,
+            execution_time_ms: Some(outcome.execution_ms),
+            cpu_time_ms: usage.cpu_time_ms,
+            memory_peak_mb: usage.memory_peak_bytes.map(|b| b / (1024 * 1024)),
+            timing,
+            warm_pool_hit: false,
+            exposed_ports: self.inner.exposed_ports.clone(),
+        };
+        if result.exit_code == SESSION_FATAL_EXIT {
+            info!(session = %self.inner.id, "exit code 137: closing the session");
+            self.close().await;
+        }
+        Ok(result)
+    }
+
+    /// Writes `reader`'s bytes to the guest file `path` (relative to `/home/user`).
+    pub async fn write_file<R>(&self, path: &str, reader: &mut R, executable: bool) -> Result<u64>
+    where
+        R: AsyncRead + Unpin + Send + ?Sized,
+    {
+        let (guard, _activity) = self.guard().await?;
+        let Some(vm) = guard.as_ref() else {
+            return Err(self.closed_error());
+        };
+        let r = vm.write_file(path, reader, executable).await;
+        drop(guard);
+        match r {
+            Ok((size, _)) => Ok(size),
+            Err(e) => Err(self.after_error(e).await),
+        }
+    }
+
+    /// Writes in-memory bytes to the guest file `path`.
+    pub async fn write_bytes(&self, path: &str, data: &[u8], executable: bool) -> Result<u64> {
+        let mut reader = data;
+        self.write_file(path, &mut reader, executable).await
+    }
+
+    /// Uploads the local file `local` to the guest file `path`.
+    pub async fn upload(&self, local: &Path, path: &str, executable: bool) -> Result<u64> {
+        let mut file = tokio::fs::File::open(local).await.map_err(|e| {
+            Error::input("local_path", format!("cannot open {}", local.display())).with_source(e)
+        })?;
+        self.write_file(path, &mut file, executable).await
+    }
+
+    /// Streams the guest file `path` into `writer`.
+    pub async fn read_file<W>(&self, path: &str, writer: &mut W) -> Result<u64>
+    where
+        W: AsyncWrite + Unpin + Send + ?Sized,
+    {
+        let (guard, _activity) = self.guard().await?;
+        let Some(vm) = guard.as_ref() else {
+            return Err(self.closed_error());
+        };
+        let r = vm.read_file(path, writer).await;
+        drop(guard);
+        match r {
+            Ok((size, _)) => Ok(size),
+            Err(e) => Err(self.after_error(e).await),
+        }
+    }
+
+    /// Reads the guest file `path` into memory.
+    pub async fn read_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.read_file(path, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Downloads the guest file `path` to `local`, atomically (temp file + rename).
+    pub async fn download(&self, path: &str, local: &Path) -> Result<u64> {
+        if local.is_dir() {
+            return Err(Error::input(
+                "local_path",
+                format!("{} is a directory", local.display()),
+            ));
+        }
+        if let Some(parent) = local.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| {
+                Error::input("local_path", format!("cannot create {}", parent.display()))
+                    .with_source(e)
+            })?;
+        }
+        let tmp = local.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| {
+            Error::input("local_path", format!("cannot create {}", tmp.display())).with_source(e)
+        })?;
+        let r = self.read_file(path, &mut file).await;
+        drop(file);
+        match r {
+            Ok(size) => {
+                tokio::fs::rename(&tmp, local).await.map_err(|e| {
+                    Error::input("local_path", format!("cannot write {}", local.display()))
+                        .with_source(e)
+                })?;
+                Ok(size)
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Lists the guest directory `path` (`""` is `/home/user`).
+    pub async fn list_files(&self, path: &str) -> Result<Vec<DirEntry>> {
+        let (guard, _activity) = self.guard().await?;
+        let Some(vm) = guard.as_ref() else {
+            return Err(self.closed_error());
+        };
+        let r = vm.list_files(path).await;
+        drop(guard);
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.after_error(e).await),
+        }
+    }
+
+    /// Closes the session and destroys its VM. Idempotent, shared by all callers; does not
+    /// wait for a running operation's lock (the VM is torn down under it).
+    pub async fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.inner.wake.notify_one();
+        // Destroy the VM without taking the operation lock: a running exec sees its
+        // transport end and returns.
+        let vm = {
+            match self.inner.vm.try_lock() {
+                Ok(mut g) => g.take(),
+                Err(_) => None,
+            }
+        };
+        match vm {
+            Some(vm) => {
+                vm.destroy().await;
+            }
+            None => {
+                // An operation holds the lock: take the VM once it is released.
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    let vm = inner.vm.lock().await.take();
+                    if let Some(vm) = vm {
+                        vm.destroy().await;
+                    }
+                });
+            }
+        }
+        if let Ok(mut p) = self.inner.permit.lock() {
+            p.take();
+        }
+        debug!(session = %self.inner.id, "session closed");
+    }
+}
+
+async fn idle_watch(weak: std::sync::Weak<SessionInner>, wake: Arc<Notify>) {
+    loop {
+        // Hold only a weak reference while sleeping, so dropping every handle ends it.
+        let sleep_for = {
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let deadline = inner
+                .last_active
+                .lock()
+                .map(|t| *t + inner.idle_timeout)
+                .unwrap_or_else(|_| TokioInstant::now());
+            let busy = inner.busy.load(Ordering::SeqCst) > 0;
+            if !busy && TokioInstant::now() >= deadline {
+                info!(session = %inner.id, "idle timeout: closing the session");
+                Session { inner }.close().await;
+                return;
+            }
+            if busy {
+                inner.idle_timeout
+            } else {
+                deadline.saturating_duration_since(TokioInstant::now())
+            }
+        };
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(sleep_for) => {}
+        }
+    }
+}
+
+impl Drop for SessionInner {
+    fn drop(&mut self) {
+        // The last handle is gone: the VM is destroyed by Vm's own Drop.
+        debug!(session = %self.id, ms = millis(self.created.elapsed().unwrap_or_default()), "session dropped");
+    }
+}

@@ -1,0 +1,323 @@
+//! The warm pool: pre-booted VMs per language, REPL already started, handed out to eligible
+//! runs (default memory, no network, no ports, no boot log).
+//!
+//! One refill task per language keeps the pool at its target size (serialized per
+//! language). A health check runs periodically: a VM that is dead or does not answer a
+//! warm-up within a bound is destroyed and replaced, never handed out.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::Language;
+use crate::admission::{Admission, AdmissionPermit};
+use crate::manager::{Vm, VmManager, VmOptions};
+
+/// Warm pool settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmPoolConfig {
+    /// VMs kept per language (0 disables the pool).
+    pub size: usize,
+    /// Languages to keep warm.
+    pub languages: Vec<Language>,
+    /// Guest memory of pooled VMs (the default request memory).
+    pub memory_mb: u32,
+    /// Health check period.
+    pub health_interval: Duration,
+    /// How long a health check may take.
+    pub health_timeout: Duration,
+}
+
+impl WarmPoolConfig {
+    /// `size` VMs for every language.
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            languages: Language::ALL.to_vec(),
+            memory_mb: crate::request::DEFAULT_MEMORY_MB,
+            health_interval: Duration::from_secs(15),
+            health_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A pooled VM with its admission share.
+#[derive(Debug)]
+pub struct PooledVm {
+    /// The VM (REPL warm).
+    pub vm: Vm,
+    /// Its admission share, if admission is enforced.
+    pub permit: Option<AdmissionPermit>,
+}
+
+#[derive(Default)]
+struct Lane {
+    ready: Mutex<VecDeque<PooledVm>>,
+    refill: Notify,
+}
+
+struct Inner {
+    cfg: WarmPoolConfig,
+    manager: VmManager,
+    admission: Option<Admission>,
+    lanes: BTreeMap<Language, Arc<Lane>>,
+    stopped: AtomicBool,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    replaced: AtomicU64,
+}
+
+/// Pre-booted VMs per language.
+pub struct WarmPool {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for WarmPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmPool")
+            .field("size", &self.inner.cfg.size)
+            .field("ready", &self.ready_counts())
+            .finish()
+    }
+}
+
+impl WarmPool {
+    /// Starts the refill and health tasks (needs a tokio runtime).
+    pub fn start(cfg: WarmPoolConfig, manager: VmManager, admission: Option<Admission>) -> Self {
+        let lanes = cfg
+            .languages
+            .iter()
+            .map(|l| (*l, Arc::new(Lane::default())))
+            .collect();
+        let inner = Arc::new(Inner {
+            cfg,
+            manager,
+            admission,
+            lanes,
+            stopped: AtomicBool::new(false),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            replaced: AtomicU64::new(0),
+        });
+        let mut tasks = Vec::new();
+        if inner.cfg.size > 0 {
+            for (lang, lane) in &inner.lanes {
+                let inner2 = inner.clone();
+                let lane = lane.clone();
+                let lang = *lang;
+                tasks.push(tokio::spawn(async move {
+                    refill_loop(inner2, lang, lane).await
+                }));
+            }
+            let inner2 = inner.clone();
+            tasks.push(tokio::spawn(async move { health_loop(inner2).await }));
+        }
+        Self {
+            inner,
+            tasks: Mutex::new(tasks),
+        }
+    }
+
+    /// Takes a healthy warm VM for `language`, if one is ready. Triggers a refill.
+    pub fn take(&self, language: Language) -> Option<PooledVm> {
+        let lane = self.inner.lanes.get(&language)?;
+        let mut found = None;
+        if let Ok(mut q) = lane.ready.lock() {
+            while let Some(p) = q.pop_front() {
+                if p.vm.is_alive() {
+                    found = Some(p);
+                    break;
+                }
+                self.inner.replaced.fetch_add(1, Ordering::Relaxed);
+                // Dropping destroys it in the background.
+            }
+        }
+        lane.refill.notify_one();
+        match &found {
+            Some(_) => self.inner.hits.fetch_add(1, Ordering::Relaxed),
+            None => self.inner.misses.fetch_add(1, Ordering::Relaxed),
+        };
+        found
+    }
+
+    /// Ready VMs per language.
+    pub fn ready_counts(&self) -> BTreeMap<Language, usize> {
+        self.inner
+            .lanes
+            .iter()
+            .map(|(l, lane)| (*l, lane.ready.lock().map(|q| q.len()).unwrap_or(0)))
+            .collect()
+    }
+
+    /// (hits, misses, replaced) counters.
+    pub fn stats(&self) -> (u64, u64, u64) {
+        (
+            self.inner.hits.load(Ordering::Relaxed),
+            self.inner.misses.load(Ordering::Relaxed),
+            self.inner.replaced.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Waits until every lane is full, or `timeout`. Returns whether it filled.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let full = self
+                .ready_counts()
+                .values()
+                .all(|n| *n >= self.inner.cfg.size);
+            if full {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the background tasks and destroys every pooled VM.
+    pub async fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        let tasks: Vec<JoinHandle<()>> = self
+            .tasks
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        for lane in self.inner.lanes.values() {
+            let drained: Vec<PooledVm> = lane
+                .ready
+                .lock()
+                .map(|mut q| q.drain(..).collect())
+                .unwrap_or_default();
+            for p in drained {
+                p.vm.destroy().await;
+            }
+        }
+    }
+}
+
+async fn boot_one(inner: &Inner, language: Language) -> Option<PooledVm> {
+    let permit = match &inner.admission {
+        Some(a) => {
+            let mem = f64::from(inner.cfg.memory_mb) + inner.manager.config().vm_overhead_mb as f64;
+            let cpus = f64::from(inner.manager.config().vcpus);
+            match a.acquire(mem, cpus).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    debug!(%language, error = %e, "warm pool: no capacity");
+                    return None;
+                }
+            }
+        }
+        None => None,
+    };
+    let mut opts = VmOptions::new(language);
+    opts.memory_mb = inner.cfg.memory_mb;
+    let vm = match inner.manager.create_vm(opts).await {
+        Ok(vm) => vm,
+        Err(e) => {
+            warn!(%language, error = %e, "warm pool: boot failed");
+            return None;
+        }
+    };
+    match tokio::time::timeout(inner.cfg.health_timeout * 4, vm.warm_up(language)).await {
+        Ok(Ok(())) => Some(PooledVm { vm, permit }),
+        Ok(Err(e)) => {
+            warn!(%language, error = %e, "warm pool: REPL warm-up failed; VM not pooled");
+            vm.destroy().await;
+            None
+        }
+        Err(_) => {
+            warn!(%language, "warm pool: REPL warm-up timed out; VM not pooled");
+            vm.destroy().await;
+            None
+        }
+    }
+}
+
+async fn refill_loop(inner: Arc<Inner>, language: Language, lane: Arc<Lane>) {
+    let mut failures = 0u32;
+    loop {
+        if inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let have = lane.ready.lock().map(|q| q.len()).unwrap_or(0);
+        if have >= inner.cfg.size {
+            lane.refill.notified().await;
+            continue;
+        }
+        match boot_one(&inner, language).await {
+            Some(p) => {
+                failures = 0;
+                if inner.stopped.load(Ordering::SeqCst) {
+                    p.vm.destroy().await;
+                    return;
+                }
+                if let Ok(mut q) = lane.ready.lock() {
+                    q.push_back(p);
+                }
+            }
+            None => {
+                failures = failures.saturating_add(1);
+                let delay = crate::manager::backoff_delay(
+                    Duration::from_millis(500),
+                    Duration::from_secs(30),
+                    failures,
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn health_loop(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(inner.cfg.health_interval).await;
+        if inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        for (language, lane) in &inner.lanes {
+            let pooled: Vec<PooledVm> = lane
+                .ready
+                .lock()
+                .map(|mut q| q.drain(..).collect())
+                .unwrap_or_default();
+            let mut healthy = Vec::new();
+            for p in pooled {
+                let ok = p.vm.is_alive()
+                    && matches!(
+                        tokio::time::timeout(inner.cfg.health_timeout, p.vm.warm_up(*language))
+                            .await,
+                        Ok(Ok(()))
+                    );
+                if ok {
+                    healthy.push(p);
+                } else {
+                    warn!(vm_id = %p.vm.id(), %language, "warm pool: unhealthy VM replaced");
+                    inner.replaced.fetch_add(1, Ordering::Relaxed);
+                    p.vm.destroy().await;
+                }
+            }
+            if let Ok(mut q) = lane.ready.lock() {
+                // VMs taken meanwhile are gone; put the healthy ones back in front.
+                for p in healthy.into_iter().rev() {
+                    q.push_front(p);
+                }
+            }
+            lane.refill.notify_one();
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! Base images: Debian bookworm root filesystems (mmdebstrap, minbase), stripped, with the
+//! `user` account and the agent installed, packed read-only as EROFS (lz4hc) inside a
+//! compressed qcow2 (`<image>-base-x86_64.qcow2`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use super::cache::{self, KeyBuilder, KeyRecord};
+use super::exec::{self, Step};
+use super::{Ctx, tools};
+
+/// Bumped whenever the recipe (hooks, stripping, packing) changes the output.
+pub const RECIPE_VERSION: &str = "rootfs-recipe-2";
+/// Debian suite of every image.
+pub const SUITE: &str = "bookworm";
+/// apt sources of every image (the same ones this machine uses, minus backports).
+pub const SOURCES: &[&str] = &[
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+];
+/// The `apt-cache policy` origins that correspond to [`SOURCES`].
+const SUITE_ORIGINS: &[&str] = &[
+    " bookworm/main ",
+    " bookworm-updates/main ",
+    " bookworm-security/main ",
+];
+/// mkfs.erofs compression: lz4hc (the kernel fragment enables EROFS_FS_ZIP, i.e. lz4).
+pub const EROFS_ARGS: &[&str] = &["-zlz4hc,12", "-C65536", "--quiet"];
+/// qemu-img conversion of the EROFS image into the compressed qcow2 base image.
+pub const QCOW2_ARGS: &[&str] = &["-c", "-O", "qcow2", "-o", "compression_type=zstd"];
+
+/// Packages of the `raw` image (bash + common tools); every image has them.
+pub const RAW_PACKAGES: &[&str] = &[
+    "bash",
+    "coreutils",
+    "grep",
+    "sed",
+    "gawk",
+    "findutils",
+    "diffutils",
+    "patch",
+    "tar",
+    "gzip",
+    "unzip",
+    "jq",
+    "curl",
+    "git",
+    "file",
+    "make",
+    "tree",
+    "less",
+    "procps",
+    "ca-certificates",
+];
+
+/// One base image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Image {
+    /// bash + common tools.
+    Raw,
+    /// raw + python3, pip, venv.
+    Python,
+    /// raw + nodejs, npm.
+    Javascript,
+}
+
+impl Image {
+    /// Every image, in build order (`raw` first: the others reuse its downloads).
+    pub const ALL: [Image; 3] = [Image::Raw, Image::Python, Image::Javascript];
+
+    /// The image's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Image::Raw => "raw",
+            Image::Python => "python",
+            Image::Javascript => "javascript",
+        }
+    }
+
+    /// The qcow2 file name in the cache directory.
+    pub fn file_name(self) -> String {
+        format!("{}-base-x86_64.qcow2", self.name())
+    }
+
+    /// The packages explicitly installed (mmdebstrap `--include`).
+    pub fn packages(self) -> Vec<&'static str> {
+        let extra: &[&str] = match self {
+            Image::Raw => &[],
+            Image::Python => &["python3", "python3-pip", "python3-venv"],
+            Image::Javascript => &["nodejs", "npm"],
+        };
+        RAW_PACKAGES.iter().chain(extra).copied().collect()
+    }
+
+    /// The size budget of the qcow2, in MB (10^6 bytes).
+    pub fn size_budget_mb(self) -> u64 {
+        match self {
+            Image::Raw => 40,
+            Image::Python | Image::Javascript => 120,
+        }
+    }
+}
+
+impl fmt::Display for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Paths excluded from every package as dpkg unpacks it (docs, man pages, translations).
+pub const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/doc-base/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/i18n/*",
+    "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/share/linda/*",
+    "path-exclude=/usr/share/bug/*",
+    "path-exclude=/usr/share/menu/*",
+    "path-exclude=/usr/include/*",
+    "path-exclude=/usr/share/nodejs/npm/docs/*",
+    "path-exclude=/usr/share/nodejs/npm/man/*",
+];
+
+/// apt options of every image.
+pub const APT_OPTS: &[&str] = &[
+    "Acquire::Languages \"none\"",
+    "APT::Install-Recommends \"false\"",
+    "APT::Install-Suggests \"false\"",
+];
+
+/// Customize hook (in the chroot's context, `$1` = root): the `user` account and the
+/// mount points every VM needs. The agent is installed by a separate hook.
+pub const HOOK_USER: &str = r#"set -e
+chroot "$1" groupadd --gid 1000 user
+chroot "$1" useradd --uid 1000 --gid 1000 --create-home --home-dir /home/user --shell /bin/bash --no-log-init user
+for d in proc sys dev tmp run home/user mnt; do mkdir -p "$1/$d"; done
+chmod 1777 "$1/tmp"
+chown 1000:1000 "$1/home/user"
+chmod 0750 "$1/home/user"
+"#;
+
+/// Customize hook that strips what a read-only sandbox root never uses. Runs last.
+pub const HOOK_STRIP: &str = r#"set -e
+R="$1"
+rm -rf "$R"/var/lib/apt/lists/* "$R"/var/cache/apt/* "$R"/var/cache/debconf/*-old \
+       "$R"/var/cache/ldconfig/aux-cache "$R"/var/lib/dpkg/*-old "$R"/var/log/* \
+       "$R"/usr/share/man "$R"/usr/share/info "$R"/usr/share/lintian "$R"/usr/share/linda \
+       "$R"/usr/share/doc-base "$R"/usr/share/bug "$R"/usr/share/menu "$R"/usr/share/i18n \
+       "$R"/usr/include "$R"/usr/share/gcc/python
+if [ -d "$R"/usr/share/locale ]; then
+  find "$R"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
+fi
+# Static libraries and headers are useless without a compiler (none is installed).
+find "$R"/usr/lib -name '*.a' -type f -delete
+# Perl documentation.
+find "$R"/usr/share/perl "$R"/usr/share/perl5 "$R"/usr/lib/x86_64-linux-gnu/perl \
+     "$R"/usr/lib/x86_64-linux-gnu/perl-base -name '*.pod' -type f -delete 2>/dev/null || true
+# Python: the stdlib test suites (the byte-compiled caches stay: the root is read-only,
+# so without them every interpreter start would recompile the stdlib).
+for p in "$R"/usr/lib/python3.*; do
+  [ -d "$p" ] || continue
+  rm -rf "$p"/test "$p"/idlelib "$p"/tkinter "$p"/turtledemo "$p"/lib2to3/tests \
+         "$p"/ctypes/test "$p"/unittest/test "$p"/distutils/tests \
+         "$p"/config-*-x86_64-linux-gnu
+done
+# Node: documentation and changelogs of the Debian-packaged node modules.
+if [ -d "$R"/usr/share/nodejs ]; then
+  find "$R"/usr/share/nodejs -type f \( -iname '*.md' -o -iname '*.markdown' -o -iname 'CHANGELOG*' \
+       -o -iname 'HISTORY*' -o -iname '*.ts.map' -o -iname '*.js.map' \) -delete
+  rm -rf "$R"/usr/share/nodejs/npm/docs "$R"/usr/share/nodejs/npm/man
+fi
+rm -rf "$R"/usr/share/doc/node* "$R"/usr/share/doc/nodejs
+# glibc charset converters: keep the registry and the Unicode/Latin ones.
+G="$R"/usr/lib/x86_64-linux-gnu/gconv
+if [ -d "$G" ]; then
+  find "$G" -maxdepth 1 -name '*.so' ! -name 'UTF-*.so' ! -name 'UNICODE.so' \
+       ! -name 'ISO8859-1.so' ! -name 'ISO8859-15.so' -delete
+fi
+rm -f "$R"/etc/machine-id "$R"/var/lib/dbus/machine-id
+# Files of packages pulled in only as dependencies and never used in a sandbox. Their dpkg
+# status stays; `perl` keeps working from perl-base (the interpreter and core modules that
+# dpkg/debconf use); only git's perl commands (send-email, svn, cvs) lose their libraries.
+for pkg in perl perl-modules-5.36 libperl5.36; do
+  for list in "$R/var/lib/dpkg/info/$pkg.list" "$R/var/lib/dpkg/info/$pkg:amd64.list"; do
+    [ -f "$list" ] || continue
+    while IFS= read -r f; do
+      case "$f" in /usr/bin/perl|/usr/share/doc/*) continue ;; esac
+      if [ -f "$R$f" ] || [ -L "$R$f" ]; then rm -f "$R$f"; fi
+    done < "$list"
+  done
+done
+# git server-side and mail helpers (the client commands stay).
+for f in git-daemon git-http-backend git-http-push git-imap-send git-shell scalar; do
+  rm -f "$R/usr/lib/git-core/$f"
+done
+rm -f "$R"/usr/bin/scalar "$R"/usr/bin/git-shell
+rm -rf "$R"/usr/share/gitweb "$R"/usr/share/zoneinfo/right
+rm -f "$R"/var/lib/dpkg/info/*.md5sums
+# Drop the directories the removals emptied.
+find "$R"/usr/share/perl "$R"/usr/lib/x86_64-linux-gnu/perl -depth -type d -empty -delete 2>/dev/null || true
+"#;
+
+/// Shell-quotes one word.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The mmdebstrap command line (after `mmdebstrap`) for `image`, building into `root`,
+/// with the agent at `agent` and `.deb`s shared through `debs`.
+pub fn mmdebstrap_args(image: Image, root: &Path, agent: &Path, debs: &Path) -> Vec<String> {
+    let mut a = vec![
+        "--variant=minbase".to_owned(),
+        "--mode=root".to_owned(),
+        "--format=directory".to_owned(),
+        "--architectures=amd64".to_owned(),
+        "--components=main".to_owned(),
+        // Keep the downloaded essential .debs so that sync-out can share them.
+        "--skip=essential/unlink".to_owned(),
+        format!("--include={}", image.packages().join(",")),
+    ];
+    a.extend(APT_OPTS.iter().map(|o| format!("--aptopt={o}")));
+    a.extend(DPKG_EXCLUDES.iter().map(|o| format!("--dpkgopt={o}")));
+    let debs_q = sh_quote(&debs.display().to_string());
+    a.push(format!(
+        "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/ {debs_q}"
+    ));
+    a.push(format!(
+        "--setup-hook=sync-in {} /var/cache/apt/archives/",
+        debs.display()
+    ));
+    a.push(format!(
+        "--customize-hook=sync-out /var/cache/apt/archives {}",
+        debs.display()
+    ));
+    a.push(format!("--customize-hook={HOOK_USER}"));
+    a.push(format!(
+        "--customize-hook=install -D -o root -g root -m 0555 {} \"$1\"/usr/local/bin/sbx-agent",
+        sh_quote(&agent.display().to_string())
+    ));
+    a.push(format!("--customize-hook={HOOK_STRIP}"));
+    a.push(SUITE.to_owned());
+    a.push(root.display().to_string());
+    a.extend(SOURCES.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+/// For each package in `apt-cache policy` output, the newest version offered by one of the
+/// image's suites (not backports, not what this host has installed from elsewhere).
+pub fn parse_policy(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut pkg: Option<String> = None;
+    let mut version: Option<String> = None;
+    for line in text.lines() {
+        if !line.starts_with(' ') && line.ends_with(':') {
+            pkg = Some(line.trim_end_matches(':').to_owned());
+            version = None;
+            continue;
+        }
+        let Some(p) = &pkg else { continue };
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed.starts_with("Installed:")
+            || trimmed.starts_with("Candidate:")
+            || trimmed.starts_with("Version table:")
+        {
+            continue;
+        }
+        // Version lines are indented by 5 (` *** ` marks the installed one); their origin
+        // lines by 8.
+        if indent <= 5 {
+            let v = trimmed.trim_start_matches("*** ");
+            version = v.split_whitespace().next().map(str::to_owned);
+        } else if let Some(v) = &version {
+            let padded = format!("{trimmed} ");
+            if !out.contains_key(p) && SUITE_ORIGINS.iter().any(|o| padded.contains(o)) {
+                out.insert(p.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Versions the image's suites offer for `packages` (per this host's apt lists);
+/// packages apt does not know map to `unknown`.
+pub fn candidate_versions(packages: &[&str]) -> Result<BTreeMap<String, String>> {
+    let text = exec::output(Command::new("apt-cache").arg("policy").args(packages))?;
+    let found = parse_policy(&text);
+    Ok(packages
+        .iter()
+        .map(|p| {
+            let v = found
+                .get(*p)
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned());
+            ((*p).to_owned(), v)
+        })
+        .collect())
+}
+
+/// Parses `dpkg-query -W -f='${Package} ${Version}\n'` output.
+pub fn parse_installed(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(p, v)| (p.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// Files written after mmdebstrap (it manages `/etc/resolv.conf` and `/etc/hostname`
+/// itself during the build): the read-only root points resolv.conf into `/run`, where the
+/// agent writes it at boot.
+fn finalize(root: &Path) -> Result<()> {
+    let etc = root.join("etc");
+    fs::write(
+        etc.join("hosts"),
+        "127.0.0.1\tlocalhost sbx\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    )
+    .context("writing /etc/hosts")?;
+    fs::write(etc.join("hostname"), "sbx\n").context("writing /etc/hostname")?;
+    let resolv = etc.join("resolv.conf");
+    cache::remove_any(&resolv)?;
+    std::os::unix::fs::symlink("../run/resolv.conf", &resolv)
+        .context("linking /etc/resolv.conf")?;
+    Ok(())
+}
+
+/// Builds (or finds in the cache) one base image, with the agent at `agent`.
+pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
+    let asset = format!("image:{image}");
+    tools::ensure(&asset, tools::IMAGES, &ctx.log("apt"))?;
+    let agent_sha = cache::sha256_file(agent)?;
+    let packages = image.packages();
+    let candidates = candidate_versions(&packages)?;
+    let work = ctx.build.join("rootfs");
+    let root = work.join(image.name());
+    let debs = work.join("debs");
+    // Host paths are not inputs: hash the arguments with placeholders.
+    let args_for_key = mmdebstrap_args(
+        image,
+        Path::new("/ROOT"),
+        Path::new("/AGENT"),
+        Path::new("/DEBS"),
+    );
+    let versions: Vec<String> = candidates.iter().map(|(p, v)| format!("{p}={v}")).collect();
+    let key = KeyBuilder::new("image")
+        .field("recipe", RECIPE_VERSION)
+        .field("image", image.name())
+        .field("mmdebstrap-args", args_for_key.join("\n"))
+        .field("candidates", versions.join("\n"))
+        .field("erofs", EROFS_ARGS.join(" "))
+        .field("qcow2", QCOW2_ARGS.join(" "))
+        .field("agent", &agent_sha)
+        .finish();
+    let out = ctx.dir.join(image.file_name());
+    if let Some(rec) = cache::fresh(&out, &key) {
+        println!(
+            "==> {asset}: cached ({}, key {})",
+            image.file_name(),
+            &key[..12]
+        );
+        return Ok(rec);
+    }
+    if !tools::is_root() {
+        bail!(
+            "{asset}: building base images needs root (mmdebstrap --mode=root, file owners \
+             in the image); run `sudo cargo xtask assets --only images`"
+        );
+    }
+    let total = Step::start(&asset, "build");
+    let log = ctx.log(&format!("image-{image}"));
+    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    cache::remove_any(&root)?;
+
+    let step = Step::start(&asset, &format!("mmdebstrap ({} packages)", packages.len()));
+    let args = mmdebstrap_args(image, &root, agent, &debs);
+    exec::run_logged(Command::new("mmdebstrap").args(&args), &log)?;
+    finalize(&root)?;
+    step.done();
+
+    let installed = parse_installed(&exec::output(
+        Command::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}",
+                root.join("var/lib/dpkg").display()
+            ))
+            .args(["-W", "-f=${Package} ${Version}\\n"]),
+    )?);
+    let du = exec::output(
+        Command::new("du")
+            .args(["-sx", "--block-size=1"])
+            .arg(&root),
+    )?;
+    let tree_bytes: u64 = du
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+
+    let step = Step::start(&asset, "mkfs.erofs (lz4hc) + qemu-img convert (qcow2)");
+    let erofs = work.join(format!("{image}.erofs"));
+    cache::remove_any(&erofs)?;
+    exec::run_logged(
+        Command::new("mkfs.erofs")
+            .args(EROFS_ARGS)
+            .arg(&erofs)
+            .arg(&root),
+        &log,
+    )?;
+    let erofs_size = fs::metadata(&erofs).map(|m| m.len()).unwrap_or(0);
+    let tmp = cache::tmp_path(&out);
+    cache::remove_any(&tmp)?;
+    exec::run_logged(
+        Command::new("qemu-img")
+            .arg("convert")
+            .args(QCOW2_ARGS)
+            .arg(&erofs)
+            .arg(&tmp),
+        &log,
+    )?;
+    fs::rename(&tmp, &out).with_context(|| format!("renaming to {}", out.display()))?;
+    // The tree stays for inspection (`build/rootfs/<image>`); the next build replaces it.
+    cache::remove_any(&erofs)?;
+    step.done();
+
+    let secs = total.done();
+    let size = fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    let budget = image.size_budget_mb() * 1_000_000;
+    if size > budget {
+        println!(
+            "    WARNING: {} is {:.1} MB, over its {} MB budget",
+            image.file_name(),
+            size as f64 / 1e6,
+            image.size_budget_mb()
+        );
+    }
+    let inputs = BTreeMap::from([
+        ("recipe".to_owned(), json!(RECIPE_VERSION)),
+        ("suite".to_owned(), json!(SUITE)),
+        ("sources".to_owned(), json!(SOURCES)),
+        ("packages".to_owned(), json!(packages)),
+        ("candidate_versions".to_owned(), json!(candidates)),
+        ("installed_packages".to_owned(), json!(installed)),
+        ("agent_sha256".to_owned(), json!(agent_sha)),
+        ("format".to_owned(), json!("erofs in qcow2")),
+        ("erofs_args".to_owned(), json!(EROFS_ARGS)),
+        ("qcow2_args".to_owned(), json!(QCOW2_ARGS)),
+        ("rootfs_bytes".to_owned(), json!(tree_bytes)),
+        ("erofs_bytes".to_owned(), json!(erofs_size)),
+    ]);
+    cache::write_record(&asset, &out, &key, secs, inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_extend_raw() {
+        for img in Image::ALL {
+            let p = img.packages();
+            for raw in RAW_PACKAGES {
+                assert!(p.contains(raw), "{img} lacks {raw}");
+            }
+        }
+        assert!(Image::Python.packages().contains(&"python3-venv"));
+        assert!(Image::Javascript.packages().contains(&"npm"));
+        assert!(!Image::Raw.packages().contains(&"python3"));
+        assert_eq!(
+            Image::Javascript.file_name(),
+            "javascript-base-x86_64.qcow2"
+        );
+    }
+
+    #[test]
+    fn mmdebstrap_args_shape() {
+        let a = mmdebstrap_args(
+            Image::Python,
+            Path::new("/r"),
+            Path::new("/a b/agent"),
+            Path::new("/d"),
+        );
+        assert!(a.contains(&"--variant=minbase".to_owned()));
+        assert!(
+            a.iter()
+                .any(|x| x.starts_with("--include=bash,") && x.ends_with(",python3-venv"))
+        );
+        assert!(a.contains(&"--dpkgopt=path-exclude=/usr/share/man/*".to_owned()));
+        assert!(
+            a.iter()
+                .any(|x| x.contains("'/a b/agent'") && x.contains("/usr/local/bin/sbx-agent"))
+        );
+        // Suite, target, then the sources.
+        let suite = a.iter().position(|x| x == SUITE).unwrap();
+        assert_eq!(a[suite + 1], "/r");
+        assert_eq!(&a[suite + 2..], SOURCES);
+        // Package sharing: sync-out must come before the strip hook empties the cache.
+        let sync = a.iter().position(|x| x.contains("sync-out")).unwrap();
+        let strip = a
+            .iter()
+            .position(|x| x.starts_with("--customize-hook=") && x.contains("gconv"))
+            .unwrap();
+        assert!(sync < strip);
+    }
+
+    #[test]
+    fn policy_picks_the_suite_version_not_the_installed_one() {
+        let text = "\
+bash:
+  Installed: 5.2.15-2+b8
+  Candidate: 5.2.15-2+b13
+  Version table:
+     5.2.15-2+b13 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+ *** 5.2.15-2+b8 100
+        100 /var/lib/dpkg/status
+nodejs:
+  Installed: 20.20.2-1nodesource1+repack1
+  Candidate: 20.20.2-1nodesource1+repack1
+  Version table:
+ *** 20.20.2-1nodesource1+repack1 100
+        100 /var/lib/dpkg/status
+     18.20.4+dfsg-1~deb12u3 500
+        500 http://deb.debian.org/debian-security bookworm-security/main amd64 Packages
+     18.20.4+dfsg-1~deb12u2 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+qemu-utils:
+  Installed: 1:10.0.2+ds-2~bpo12+1
+  Candidate: 1:10.0.2+ds-2~bpo12+1
+  Version table:
+ *** 1:10.0.2+ds-2~bpo12+1 100
+        100 http://deb.debian.org/debian bookworm-backports/main amd64 Packages
+        100 /var/lib/dpkg/status
+     1:7.2+dfsg-7+deb12u16 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+";
+        let v = parse_policy(text);
+        assert_eq!(v["bash"], "5.2.15-2+b13");
+        assert_eq!(v["nodejs"], "18.20.4+dfsg-1~deb12u3");
+        assert_eq!(v["qemu-utils"], "1:7.2+dfsg-7+deb12u16");
+    }
+
+    #[test]
+    fn parses_installed_list() {
+        let v = parse_installed("bash 5.2.15-2+b13\nlibc6 2.36-9+deb12u10\n");
+        assert_eq!(v.len(), 2);
+        assert_eq!(v["libc6"], "2.36-9+deb12u10");
+    }
+
+    /// End-to-end build of one image with any static binary standing in for the agent
+    /// (root + Debian mirror needed):
+    /// `SBX_TEST_IMAGE=raw SBX_TEST_AGENT=/bin/busybox SBX_TEST_DIR=/tmp/x cargo test -p xtask -- --ignored build_one_image`
+    #[test]
+    #[ignore = "needs root, network and minutes; run explicitly"]
+    fn build_one_image() {
+        let agent = std::env::var("SBX_TEST_AGENT").unwrap_or_else(|_| "/bin/busybox".into());
+        let dir = std::env::var("SBX_TEST_DIR").unwrap_or_else(|_| "/tmp/sbx-image-test".into());
+        let image = match std::env::var("SBX_TEST_IMAGE").as_deref() {
+            Ok("python") => Image::Python,
+            Ok("javascript") => Image::Javascript,
+            _ => Image::Raw,
+        };
+        let ctx = Ctx::new(super::super::workspace_root(), dir.into()).unwrap();
+        let rec = build(&ctx, image, Path::new(&agent)).unwrap();
+        println!("{}", serde_json::to_string_pretty(&rec).unwrap());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(sh_quote("a'b"), r"'a'\''b'");
+    }
+}
