@@ -1,6 +1,589 @@
-//! The `sbx` command-line interface (work in progress: it does not run code yet).
+//! The `sbx` command-line interface.
+//!
+//! Exit status: the code's exit status; 124 on timeout; 125 on a sandbox error (message on
+//! stderr); 2 on usage errors; 130 on Ctrl-C (VMs are cleaned up first).
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sandbox_core::{
+    Error, ErrorKind, ExecRequest, ExecutionResult, Language, OutputCallbacks, PortMapping,
+    RunOptions, RunRequest, SessionRequest,
+};
+use sbx::{Sbx, SbxConfig};
+use serde_json::json;
+
+const EXIT_USAGE: i32 = 2;
+const EXIT_TIMEOUT: i32 = 124;
+const EXIT_SANDBOX: i32 = 125;
+const EXIT_INTERRUPTED: i32 = 130;
+
+/// Run untrusted code in QEMU microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "sbx", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run code in a fresh microVM (also: `sbx 'code'`).
+    Run(Box<RunArgs>),
+    /// Report what this host can do and what is missing.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Inline code, a file (language from its extension) or `-` for stdin.
+    sources: Vec<String>,
+    /// python, javascript or raw (default: from the file extension, else python).
+    #[arg(short, long)]
+    language: Option<String>,
+    /// Inline code (repeatable).
+    #[arg(short, long = "code")]
+    code: Vec<String>,
+    /// Timeout in seconds (1-300).
+    #[arg(short, long, default_value_t = 30)]
+    timeout: u32,
+    /// Guest memory in MB (≥ 128).
+    #[arg(short, long, default_value_t = 192)]
+    memory: u32,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// Print one JSON object per source.
+    #[arg(long)]
+    json: bool,
+    /// No progress output.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Upload LOCAL:GUEST before running (repeatable; one source only).
+    #[arg(long)]
+    upload: Vec<String>,
+    /// Download GUEST[:LOCAL] after running (repeatable; one source only).
+    #[arg(long)]
+    download: Vec<String>,
+    /// Boot log and debug logs to stderr.
+    #[arg(long)]
+    debug: bool,
+    /// Allow outbound network (filtered by --allow-domain when given).
+    #[arg(long)]
+    network: bool,
+    /// Allowed domain, with its subdomains (repeatable; implies --network).
+    #[arg(long = "allow-domain")]
+    allow_domain: Vec<String>,
+    /// Expose a guest port: INTERNAL[:EXTERNAL][/tcp|udp] (repeatable).
+    #[arg(long)]
+    expose: Vec<String>,
+}
+
+/// Inserts `run` when the first argument is not a subcommand or a top-level flag.
+fn normalize_args(mut args: Vec<String>) -> Vec<String> {
+    if let Some(first) = args.get(1) {
+        let known = ["run", "doctor", "help", "-h", "--help", "-V", "--version"];
+        if !known.contains(&first.as_str()) {
+            args.insert(1, "run".to_owned());
+        }
+    }
+    args
+}
+
+struct Source {
+    label: String,
+    language: Language,
+    code: String,
+}
+
+fn usage(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("sbx: {msg}");
+    EXIT_USAGE
+}
+
+fn load_sources(args: &RunArgs) -> Result<Vec<Source>, String> {
+    let mut out = Vec::new();
+    let mut stdin_used = false;
+    let lang_flag = args.language.as_deref();
+    let parse_lang = |path: Option<&std::path::Path>| {
+        sbx::language_for(lang_flag, path).map_err(|e| e.message().to_owned())
+    };
+    for s in &args.sources {
+        if s == "-" {
+            if stdin_used {
+                return Err("stdin (-) can be used only once".into());
+            }
+            stdin_used = true;
+            let mut code = String::new();
+            std::io::stdin()
+                .read_to_string(&mut code)
+                .map_err(|e| format!("reading stdin: {e}"))?;
+            out.push(Source {
+                label: "-".into(),
+                language: parse_lang(None)?,
+                code,
+            });
+        } else if std::path::Path::new(s).is_file() {
+            let path = std::path::Path::new(s);
+            let code = std::fs::read_to_string(path).map_err(|e| format!("reading {s}: {e}"))?;
+            out.push(Source {
+                label: s.clone(),
+                language: parse_lang(Some(path))?,
+                code,
+            });
+        } else {
+            out.push(Source {
+                label: s.clone(),
+                language: parse_lang(None)?,
+                code: s.clone(),
+            });
+        }
+    }
+    for c in &args.code {
+        out.push(Source {
+            label: c.clone(),
+            language: parse_lang(None)?,
+            code: c.clone(),
+        });
+    }
+    if out.is_empty() {
+        return Err("no code given (sbx run 'CODE', a file, or - for stdin)".into());
+    }
+    if out.iter().any(|s| s.code.trim().is_empty()) {
+        return Err("code is empty".into());
+    }
+    Ok(out)
+}
+
+fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some(("", _)) => Err(format!("--env {kv:?}: empty name")),
+            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
+            None => Err(format!("--env {kv:?}: expected KEY=VALUE")),
+        })
+        .collect()
+}
+
+fn result_json(r: &ExecutionResult) -> serde_json::Value {
+    let mut v = json!({
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "exit_code": r.exit_code,
+        "execution_time_ms": r.execution_time_ms,
+        "timing": {
+            "total_ms": r.timing.total_ms,
+            "setup_ms": r.timing.setup_ms,
+            "boot_ms": r.timing.boot_ms,
+            "execute_ms": r.timing.execute_ms,
+            "admission_ms": r.timing.admission_ms,
+        },
+        "warm_pool_hit": r.warm_pool_hit,
+    });
+    if let Some(m) = r.memory_peak_mb {
+        v["memory_peak_mb"] = json!(m);
+    }
+    if !r.exposed_ports.is_empty() {
+        v["exposed_ports"] = json!(r.exposed_ports);
+    }
+    v
+}
+
+fn exit_status_of(r: &ExecutionResult) -> i32 {
+    if r.timed_out() {
+        EXIT_TIMEOUT
+    } else {
+        r.exit_code.clamp(0, 255)
+    }
+}
+
+fn error_status(e: &Error) -> i32 {
+    match e.kind() {
+        ErrorKind::Input => EXIT_USAGE,
+        _ => EXIT_SANDBOX,
+    }
+}
+
+/// A progress line on stderr while a VM boots (terminal only).
+struct Spinner {
+    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start(enabled: bool, label: &'static str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = enabled.then(|| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let frames = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
+                let started = std::time::Instant::now();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    eprint!(
+                        "\r{} {label} {:.1}s",
+                        frames[i % frames.len()],
+                        started.elapsed().as_secs_f32()
+                    );
+                    let _ = std::io::stderr().flush();
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                eprint!("\r\x1b[2K");
+                let _ = std::io::stderr().flush();
+            })
+        });
+        Self { stop, task }
+    }
+
+    async fn finish(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+fn callbacks(stream: bool, first_output: Arc<AtomicBool>) -> OutputCallbacks {
+    if !stream {
+        return OutputCallbacks::default();
+    }
+    let f1 = first_output.clone();
+    OutputCallbacks {
+        on_stdout: Some(Arc::new(move |chunk: &[u8]| {
+            f1.store(true, Ordering::Relaxed);
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(chunk);
+            let _ = out.flush();
+        })),
+        on_stderr: Some(Arc::new(move |chunk: &[u8]| {
+            first_output.store(true, Ordering::Relaxed);
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(chunk);
+            let _ = err.flush();
+        })),
+    }
+}
+
+async fn run_single_with_files(
+    sbx: &Sbx,
+    src: &Source,
+    args: &RunArgs,
+    base: &RunRequest,
+    opts: RunOptions,
+) -> Result<ExecutionResult, Error> {
+    let mut sreq = SessionRequest::new(src.language);
+    sreq.memory_mb = base.memory_mb;
+    sreq.network = base.network.clone();
+    let session = sbx.scheduler().session(sreq, opts.clone()).await?;
+    let result = async {
+        for up in &args.upload {
+            let (local, guest) = up
+                .split_once(':')
+                .ok_or_else(|| Error::input("upload", format!("{up:?}: expected LOCAL:GUEST")))?;
+            let local = expand_tilde(local);
+            if !local.is_file() {
+                return Err(Error::input(
+                    "upload",
+                    format!("{}: no such file", local.display()),
+                ));
+            }
+            session.upload(&local, guest, false).await?;
+        }
+        let mut exec = ExecRequest::new(src.code.clone());
+        exec.timeout_secs = base.timeout_secs;
+        exec.env = base.env.clone();
+        let r = session.exec(exec, &opts.callbacks).await?;
+        for down in &args.download {
+            let (guest, local) = match down.split_once(':') {
+                Some((g, l)) => (g.to_owned(), expand_tilde(l)),
+                None => {
+                    let name = std::path::Path::new(down)
+                        .file_name()
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from(down));
+                    (down.clone(), name)
+                }
+            };
+            session.download(&guest, &local).await?;
+        }
+        Ok(r)
+    }
+    .await;
+    session.close().await;
+    result
+}
+
+fn expand_tilde(p: &str) -> PathBuf {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(p),
+    }
+}
+
+async fn cmd_run(args: RunArgs) -> i32 {
+    let sources = match load_sources(&args) {
+        Ok(s) => s,
+        Err(e) => return usage(e),
+    };
+    let env = match parse_env(&args.env) {
+        Ok(e) => e,
+        Err(e) => return usage(e),
+    };
+    let mut expose = Vec::new();
+    for e in &args.expose {
+        match e.parse::<PortMapping>() {
+            Ok(p) => expose.push(p),
+            Err(err) => return usage(err.message()),
+        }
+    }
+    if (!args.upload.is_empty() || !args.download.is_empty()) && sources.len() != 1 {
+        return usage("--upload/--download need exactly one source");
+    }
+    let mut requests = Vec::new();
+    for src in &sources {
+        let mut req = RunRequest::new(src.language, src.code.clone());
+        req.timeout_secs = args.timeout;
+        req.memory_mb = args.memory;
+        req.env = env.clone();
+        req.network.allow_network = args.network || !args.allow_domain.is_empty();
+        req.network.allowed_domains = args.allow_domain.clone();
+        req.network.expose_ports = expose.clone();
+        // Validate every request before any VM work.
+        let mut check = req.clone();
+        if let Err(e) = check.validate() {
+            return usage(format!("{}: {}", src.label, e));
+        }
+        requests.push(req);
+    }
+
+    let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
+    let spinner = Spinner::start(show_progress, "starting sandbox");
+    let sbx = match Sbx::start(SbxConfig::from_env()).await {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            spinner.finish().await;
+            eprintln!("sbx: {e}");
+            return error_status(&e);
+        }
+    };
+    spinner.finish().await;
+
+    let stream = !args.json && sources.len() == 1;
+    let first_output = Arc::new(AtomicBool::new(false));
+    let boot_log = if args.debug {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(line) = rx.recv().await {
+                eprintln!("[boot] {line}");
+            }
+        });
+        Some(tx)
+    } else {
+        None
+    };
+    let opts = RunOptions {
+        callbacks: callbacks(stream, first_output.clone()),
+        boot_log,
+    };
+
+    let work = async {
+        if !args.upload.is_empty() || !args.download.is_empty() {
+            vec![run_single_with_files(&sbx, &sources[0], &args, &requests[0], opts.clone()).await]
+        } else {
+            let futs = requests.iter().cloned().map(|req| {
+                let sbx = sbx.clone();
+                let opts = opts.clone();
+                async move { sbx.scheduler().run(req, opts).await }
+            });
+            futures_join(futs).await
+        }
+    };
+    let results = tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nsbx: interrupted, cleaning up");
+            sbx.stop().await;
+            return EXIT_INTERRUPTED;
+        }
+    };
+    sbx.stop().await;
+
+    let mut status = 0;
+    let mut any_timeout = false;
+    let mut json_out = Vec::new();
+    for (i, (src, r)) in sources.iter().zip(results).enumerate() {
+        match r {
+            Ok(r) => {
+                if r.timed_out() {
+                    any_timeout = true;
+                }
+                status = status.max(exit_status_of(&r));
+                if args.json {
+                    let mut v = result_json(&r);
+                    if sources.len() > 1 {
+                        v["index"] = json!(i);
+                        v["source"] = json!(src.label);
+                    }
+                    json_out.push(v);
+                } else if !stream {
+                    print!("{}", r.stdout);
+                    eprint!("{}", r.stderr);
+                }
+            }
+            Err(e) => {
+                eprintln!("sbx: {}: {e}", src.label);
+                status = status.max(error_status(&e));
+                if args.json {
+                    let mut v = json!({
+                        "error": {"kind": e.kind().name(), "message": e.message(), "retryable": e.is_retryable()}
+                    });
+                    if sources.len() > 1 {
+                        v["index"] = json!(i);
+                        v["source"] = json!(src.label);
+                    }
+                    json_out.push(v);
+                }
+            }
+        }
+    }
+    if args.json {
+        let text = if json_out.len() == 1 {
+            json_out[0].to_string()
+        } else {
+            serde_json::Value::Array(json_out).to_string()
+        };
+        println!("{text}");
+    }
+    let _ = std::io::stdout().flush();
+    if any_timeout && status < EXIT_SANDBOX {
+        return EXIT_TIMEOUT;
+    }
+    status
+}
+
+async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(v) => out.push(v),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    out
+}
+
+async fn cmd_doctor(json: bool) -> i32 {
+    let report = sbx::doctor::doctor(&SbxConfig::from_env()).await;
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("sbx: {e}"),
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok { 0 } else { 1 }
+}
 
 fn main() {
-    eprintln!("sbx: not implemented yet");
-    std::process::exit(125);
+    let args = normalize_args(std::env::args().collect());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let debug = matches!(&cli.cmd, Cmd::Run(a) if a.debug);
+    let filter = std::env::var("SBX_LOG").unwrap_or_else(|_| {
+        if debug {
+            "debug".into()
+        } else {
+            "error".into()
+        }
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sbx: cannot start the runtime: {e}");
+            std::process::exit(EXIT_SANDBOX);
+        }
+    };
+    let code = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Run(args) => cmd_run(*args).await,
+            Cmd::Doctor { json } => cmd_doctor(json).await,
+        }
+    });
+    drop(rt);
+    std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn shorthand_inserts_run() {
+        assert_eq!(normalize_args(v(&["sbx", "print(1)"]))[1], "run");
+        assert_eq!(normalize_args(v(&["sbx", "-l", "raw", "echo"]))[1], "run");
+        assert_eq!(normalize_args(v(&["sbx", "doctor"]))[1], "doctor");
+        assert_eq!(normalize_args(v(&["sbx", "--help"]))[1], "--help");
+        assert_eq!(normalize_args(v(&["sbx"])).len(), 1);
+    }
+
+    #[test]
+    fn env_parsing_splits_on_first_equals() {
+        let e = parse_env(&v(&["A=1", "B=x=y", "C="])).unwrap();
+        assert_eq!(e[1], ("B".into(), "x=y".into()));
+        assert_eq!(e[2], ("C".into(), String::new()));
+        assert!(parse_env(&v(&["=1"])).is_err());
+        assert!(parse_env(&v(&["NOEQ"])).is_err());
+    }
+
+    #[test]
+    fn exit_status_mapping() {
+        let mut r = ExecutionResult {
+            exit_code: 3,
+            ..Default::default()
+        };
+        assert_eq!(exit_status_of(&r), 3);
+        r.exit_code = -1;
+        assert_eq!(exit_status_of(&r), 124);
+        assert_eq!(error_status(&Error::input("x", "y")), 2);
+        assert_eq!(
+            error_status(&Error::permanent(
+                sandbox_core::PermanentCause::MissingDependency,
+                "x"
+            )),
+            125
+        );
+    }
 }

@@ -24,7 +24,7 @@ pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// RUSTFLAGS of the agent build.
 pub const RUSTFLAGS: &str = "-C target-feature=+crt-static";
 /// Bumped whenever the recipe changes in a way that changes the output.
-pub const RECIPE_VERSION: &str = "agent-recipe-1";
+pub const RECIPE_VERSION: &str = "agent-recipe-2";
 /// Output file name in the cache directory.
 pub const OUTPUT: &str = "sbx-agent";
 
@@ -173,8 +173,16 @@ pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
             desc.trim()
         );
     }
+    // Stripped: the agent is in the initramfs and every image; panics keep file:line.
     let tmp = cache::tmp_path(&out);
-    fs::copy(&built, &tmp).with_context(|| format!("copying {}", built.display()))?;
+    exec::run_logged(
+        Command::new("strip")
+            .arg("--strip-all")
+            .arg("-o")
+            .arg(&tmp)
+            .arg(&built),
+        &ctx.log("agent"),
+    )?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
         .with_context(|| format!("chmod {}", tmp.display()))?;
     fs::rename(&tmp, &out).with_context(|| format!("renaming to {}", out.display()))?;

@@ -16,7 +16,7 @@ use super::exec::{self, Step};
 use super::{Ctx, tools};
 
 /// Bumped whenever the recipe (hooks, stripping, packing) changes the output.
-pub const RECIPE_VERSION: &str = "rootfs-recipe-2";
+pub const RECIPE_VERSION: &str = "rootfs-recipe-3";
 /// Debian suite of every image.
 pub const SUITE: &str = "bookworm";
 /// apt sources of every image (the same ones this machine uses, minus backports).
@@ -189,10 +189,11 @@ if [ -d "$G" ]; then
        ! -name 'ISO8859-1.so' ! -name 'ISO8859-15.so' -delete
 fi
 rm -f "$R"/etc/machine-id "$R"/var/lib/dbus/machine-id
-# Files of packages pulled in only as dependencies and never used in a sandbox. Their dpkg
-# status stays; `perl` keeps working from perl-base (the interpreter and core modules that
-# dpkg/debconf use); only git's perl commands (send-email, svn, cvs) lose their libraries.
-for pkg in perl perl-modules-5.36 libperl5.36; do
+# Files of packages pulled in only as dependencies and never used in a read-only sandbox
+# run as uid 1000. Their dpkg status stays. `perl` keeps working from perl-base (the
+# interpreter and the core modules dpkg/debconf use); only git's perl commands (send-email,
+# svn, cvs) lose their libraries. apt cannot run without root anyway; fsck tools have no use.
+for pkg in perl perl-modules-5.36 libperl5.36 apt libapt-pkg6.0 gpgv e2fsprogs libext2fs2 libss2; do
   for list in "$R/var/lib/dpkg/info/$pkg.list" "$R/var/lib/dpkg/info/$pkg:amd64.list"; do
     [ -f "$list" ] || continue
     while IFS= read -r f; do
@@ -209,7 +210,11 @@ rm -f "$R"/usr/bin/scalar "$R"/usr/bin/git-shell
 rm -rf "$R"/usr/share/gitweb "$R"/usr/share/zoneinfo/right
 rm -f "$R"/var/lib/dpkg/info/*.md5sums
 # Drop the directories the removals emptied.
-find "$R"/usr/share/perl "$R"/usr/lib/x86_64-linux-gnu/perl -depth -type d -empty -delete 2>/dev/null || true
+find "$R"/usr/share/perl "$R"/usr/lib/x86_64-linux-gnu/perl "$R"/usr/lib/apt "$R"/etc/apt \
+     -depth -type d -empty -delete 2>/dev/null || true
+# Identical files (e.g. /usr/bin/git and /usr/lib/git-core/git) become hard links, which
+# EROFS stores once.
+hardlink -q "$R"/usr
 "#;
 
 /// Shell-quotes one word.

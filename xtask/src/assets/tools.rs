@@ -60,7 +60,11 @@ pub const KERNEL: &[Tool] = &[
 ];
 
 /// What the guest agent build needs (cargo itself is already running us).
-pub const AGENT: &[Tool] = &[bin("file", "file"), bin("gcc", "gcc")];
+pub const AGENT: &[Tool] = &[
+    bin("file", "file"),
+    bin("gcc", "gcc"),
+    bin("strip", "binutils"),
+];
 
 /// What the initramfs needs.
 pub const INITRAMFS: &[Tool] = &[bin("zstd", "zstd")];
@@ -70,6 +74,7 @@ pub const IMAGES: &[Tool] = &[
     bin("mmdebstrap", "mmdebstrap"),
     bin("mkfs.erofs", "erofs-utils"),
     bin("qemu-img", "qemu-utils"),
+    bin("hardlink", "util-linux"),
     bin("apt-cache", "apt"),
     bin("dpkg-query", "dpkg"),
     file(

@@ -1,0 +1,137 @@
+//! The DNS server on the gateway: filters names through the policy and resolves allowed
+//! ones upstream, remembering the answers for the TCP and TLS checks.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+
+use crate::gateway::VmCtx;
+use crate::policy::{DenyReason, Mode, normalize_name};
+
+/// Most A records put in one answer.
+const MAX_ANSWERS: usize = 16;
+/// Upper bound on one upstream resolution.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Answers one DNS query message; `None` when nothing should be sent back (the bytes are
+/// not a query at all).
+pub(crate) async fn answer(ctx: &VmCtx, query: &[u8]) -> Option<Vec<u8>> {
+    let req = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(_) => {
+            ctx.deny_dns(None, DenyReason::BadQuery);
+            let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+            // Never answer something that already claims to be a response.
+            if query.get(2).is_some_and(|b| b & 0x80 != 0) {
+                return None;
+            }
+            return encode(Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
+        }
+    };
+    if req.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let id = req.metadata.id;
+    let mut resp = Message::response(id, req.metadata.op_code);
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.queries = req.queries.clone();
+    if req.metadata.op_code != OpCode::Query {
+        ctx.deny_dns(None, DenyReason::BadQuery);
+        resp.metadata.response_code = ResponseCode::NotImp;
+        return encode(resp);
+    }
+    let [q] = req.queries.as_slice() else {
+        ctx.deny_dns(None, DenyReason::BadQuery);
+        resp.metadata.response_code = ResponseCode::FormErr;
+        return encode(resp);
+    };
+    let Some(name) = normalize_name(&q.name.to_ascii()) else {
+        ctx.deny_dns(None, DenyReason::BadQuery);
+        resp.metadata.response_code = ResponseCode::Refused;
+        return encode(resp);
+    };
+    match &ctx.mode {
+        Mode::PortsOnly => {
+            ctx.deny_dns(Some(&name), DenyReason::PortsOnly);
+            resp.metadata.response_code = ResponseCode::Refused;
+            return encode(resp);
+        }
+        Mode::Allowlist(list) if !list.allows(&name) => {
+            ctx.deny_dns(Some(&name), DenyReason::NameNotAllowed);
+            resp.metadata.response_code = ResponseCode::NXDomain;
+            return encode(resp);
+        }
+        _ => {}
+    }
+    if q.query_class != DNSClass::IN {
+        ctx.deny_dns(Some(&name), DenyReason::BadQuery);
+        resp.metadata.response_code = ResponseCode::Refused;
+        return encode(resp);
+    }
+    // Resolve even for non-A types, so a name that does not exist says so.
+    let (addrs, ttl) = match resolve(ctx, &name).await {
+        Ok(found) => found,
+        Err(code) => {
+            resp.metadata.response_code = code;
+            return encode(resp);
+        }
+    };
+    ctx.allow_dns(&name, q.query_type, &addrs);
+    if q.query_type == RecordType::A {
+        let ttl_s = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX).max(1);
+        for ip in addrs.into_iter().take(MAX_ANSWERS) {
+            resp.answers
+                .push(Record::from_rdata(q.name.clone(), ttl_s, RData::A(A(ip))));
+        }
+    }
+    // AAAA and other types: NOERROR without records (the VM network is IPv4-only).
+    encode(resp)
+}
+
+/// Addresses of an allowed name, from the per-VM cache or upstream.
+async fn resolve(ctx: &VmCtx, name: &str) -> Result<(Vec<Ipv4Addr>, Duration), ResponseCode> {
+    if let Some(hit) = ctx.cache().fresh(name) {
+        return Ok(hit);
+    }
+    let looked_up =
+        tokio::time::timeout(RESOLVE_TIMEOUT, ctx.config.resolver.lookup_ipv4(name)).await;
+    match looked_up {
+        Ok(Ok(addrs)) => {
+            ctx.cache().insert(
+                name,
+                addrs.clone(),
+                ctx.config.dns_ttl,
+                ctx.config.dns_remember,
+            );
+            Ok((addrs, ctx.config.dns_ttl))
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(vm_id = %ctx.vm_id, name, "dns: upstream says no such name");
+            Err(ResponseCode::NXDomain)
+        }
+        Ok(Err(e)) => {
+            ctx.stats.fail("dns_upstream");
+            tracing::warn!(vm_id = %ctx.vm_id, name, error = %e, "dns: upstream failed");
+            Err(ResponseCode::ServFail)
+        }
+        Err(_) => {
+            ctx.stats.fail("dns_upstream");
+            tracing::warn!(vm_id = %ctx.vm_id, name, "dns: upstream timed out");
+            Err(ResponseCode::ServFail)
+        }
+    }
+}
+
+fn encode(msg: Message) -> Option<Vec<u8>> {
+    match msg.to_vec() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %e, "dns: cannot encode answer");
+            None
+        }
+    }
+}

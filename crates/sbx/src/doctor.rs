@@ -1,0 +1,172 @@
+//! `sbx doctor`: what this host can do, and what is missing, with the fix.
+
+use std::path::Path;
+
+use sandbox_core::{GuestAssets, Language};
+use serde::Serialize;
+
+use crate::SbxConfig;
+
+/// One check of the doctor report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether sbx can run with it as it is.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it, when not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// The doctor report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DoctorReport {
+    /// True when sbx can run code on this host.
+    pub ok: bool,
+    /// The checks, in order.
+    pub checks: Vec<Check>,
+    /// Isolation layers or features that cannot be applied here.
+    pub warnings: Vec<String>,
+    /// The raw probe report.
+    pub host: probes::HostReport,
+}
+
+fn check(name: &str, ok: bool, detail: String, fix: Option<&str>) -> Check {
+    Check {
+        name: name.to_owned(),
+        ok,
+        detail,
+        fix: if ok { None } else { fix.map(str::to_owned) },
+    }
+}
+
+fn manifest_summary(dir: &Path) -> String {
+    let path = dir.join("manifest.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(v) => {
+                let n = v
+                    .get("assets")
+                    .and_then(|a| {
+                        a.as_array()
+                            .map(Vec::len)
+                            .or_else(|| a.as_object().map(|o| o.len()))
+                    })
+                    .unwrap_or(0);
+                format!("manifest lists {n} assets")
+            }
+            Err(_) => "manifest.json unreadable".to_owned(),
+        },
+        Err(_) => "no manifest.json".to_owned(),
+    }
+}
+
+/// Builds the report for `cfg`.
+pub async fn doctor(cfg: &SbxConfig) -> DoctorReport {
+    let host = probes::host_report().await.clone();
+    let mut checks = Vec::new();
+    match &host.qemu {
+        Ok(q) => checks.push(check(
+            "qemu",
+            q.microvm,
+            format!(
+                "{} ({}); sandbox={}, io_uring={}, exit-with-parent={}, qboot={}",
+                q.path.display(),
+                q.version_line,
+                q.sandbox,
+                q.io_uring_aio,
+                q.exit_with_parent,
+                q.qboot_rom
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
+            ),
+            Some("install qemu-system-x86 10.x from bookworm-backports (scripts/setup-host.sh)"),
+        )),
+        Err(e) => checks.push(check(
+            "qemu",
+            false,
+            e.clone(),
+            Some("install qemu-system-x86 (10.x from bookworm-backports): run scripts/setup-host.sh as root"),
+        )),
+    }
+    checks.push(check(
+        "accelerator",
+        true,
+        format!(
+            "{}: {}",
+            host.accelerator.accelerator, host.accelerator.reason
+        ),
+        None,
+    ));
+    checks.push(check(
+        "cgroups",
+        true,
+        if host.cgroup.v2_usable {
+            format!("cgroup v2 delegated: {}", host.cgroup.detail)
+        } else {
+            format!("rlimit fallback: {}", host.cgroup.detail)
+        },
+        None,
+    ));
+    let assets = GuestAssets::in_dir(&cfg.assets_dir);
+    for lang in Language::ALL {
+        let r = assets.check(lang);
+        checks.push(check(
+            &format!("assets:{lang}"),
+            r.is_ok(),
+            match r {
+                Ok(image) => format!(
+                    "{} ({})",
+                    image.display(),
+                    manifest_summary(&cfg.assets_dir)
+                ),
+                Err(e) => e.message().to_owned(),
+            },
+            Some("build the guest assets: cargo xtask assets"),
+        ));
+    }
+    checks.push(check(
+        "warm_pool",
+        true,
+        format!("{} VMs per language (SBX_WARM_POOL)", cfg.warm_pool_size),
+        None,
+    ));
+    let ok = checks.iter().all(|c| c.ok);
+    DoctorReport {
+        ok,
+        checks,
+        warnings: host.warnings.clone(),
+        host,
+    }
+}
+
+impl DoctorReport {
+    /// Human-readable text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for c in &self.checks {
+            out.push_str(&format!(
+                "{} {:<18} {}\n",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail
+            ));
+            if let Some(fix) = &c.fix {
+                out.push_str(&format!("     {:<18} fix: {fix}\n", ""));
+            }
+        }
+        for w in &self.warnings {
+            out.push_str(&format!("warn {w}\n"));
+        }
+        out.push_str(if self.ok {
+            "sbx can run here.\n"
+        } else {
+            "sbx cannot run here until the failures above are fixed.\n"
+        });
+        out
+    }
+}

@@ -1,0 +1,277 @@
+//! sbx: run untrusted code in QEMU microVMs.
+//!
+//! This crate is the one place that wires the default adapters together: the probes decide
+//! the accelerator and the isolation layers, `qemu-cmd` launches QEMU and talks to the guest
+//! agent, `overlay` hands out qcow2 overlays, `cgroupv2` applies limits (or rlimits) and
+//! `netproxy` provides the guest's only network path. [`Sbx::start`] returns a running
+//! [`Scheduler`]; the `sbx` binary is a thin CLI over it.
+//!
+//! ```no_run
+//! # async fn demo() -> sandbox_core::Result<()> {
+//! use sbx::{Sbx, SbxConfig};
+//! use sandbox_core::{ExecRequest, Language, OutputCallbacks, RunOptions, RunRequest, SessionRequest};
+//!
+//! let sbx = Sbx::start(SbxConfig::from_env()).await?;
+//! let result = sbx
+//!     .scheduler()
+//!     .run(RunRequest::new(Language::Python, "print('hi')"), RunOptions::default())
+//!     .await?;
+//! assert_eq!(result.stdout, "hi\n");
+//!
+//! let session = sbx
+//!     .scheduler()
+//!     .session(SessionRequest::new(Language::Python), RunOptions::default())
+//!     .await?;
+//! session.write_bytes("data.txt", b"42", false).await?;
+//! let r = session
+//!     .exec(ExecRequest::new("print(open('data.txt').read())"), &OutputCallbacks::default())
+//!     .await?;
+//! assert_eq!(r.stdout, "42\n");
+//! session.close().await;
+//! sbx.stop().await;
+//! # Ok(()) }
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandbox_core::admission::AdmissionConfig;
+use sandbox_core::ports::NetworkProxy;
+use sandbox_core::{
+    Error, GuestAssets, Language, PermanentCause, Ports, Result, Scheduler, SchedulerConfig,
+    VmManager, VmManagerConfig,
+};
+use serde::Serialize;
+
+pub mod doctor;
+
+/// Settings of the default wiring. [`SbxConfig::from_env`] reads the environment.
+#[derive(Debug, Clone)]
+pub struct SbxConfig {
+    /// Where `cargo xtask assets` put the guest assets.
+    pub assets_dir: PathBuf,
+    /// Parent of per-VM work dirs (keep it short: unix socket paths ≤ 108 bytes).
+    pub work_dir: PathBuf,
+    /// Warm VMs per language.
+    pub warm_pool_size: usize,
+    /// Pre-created overlays per base image.
+    pub overlay_pool_size: usize,
+    /// Most VMs alive at once.
+    pub max_vms: usize,
+    /// Enforce memory/CPU admission budgets.
+    pub admission: bool,
+    /// Scheduler defaults.
+    pub scheduler: SchedulerConfig,
+}
+
+/// The default assets dir: `$SBX_ASSETS_DIR`, else `~/.cache/sbx/assets`.
+pub fn default_assets_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SBX_ASSETS_DIR").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/sbx/assets")
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+impl SbxConfig {
+    /// Defaults, overridden by `SBX_ASSETS_DIR`, `SBX_WORK_DIR`, `SBX_WARM_POOL`,
+    /// `SBX_MAX_VMS`.
+    pub fn from_env() -> Self {
+        let uid = nix::unistd::Uid::effective().as_raw();
+        let work_dir = std::env::var_os("SBX_WORK_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("sbx-{uid}")));
+        let warm_pool_size = env_usize("SBX_WARM_POOL").unwrap_or(0);
+        Self {
+            assets_dir: default_assets_dir(),
+            work_dir,
+            warm_pool_size,
+            overlay_pool_size: 2,
+            max_vms: env_usize("SBX_MAX_VMS").unwrap_or(32),
+            admission: true,
+            scheduler: SchedulerConfig {
+                warm_pool_size,
+                ..SchedulerConfig::default()
+            },
+        }
+    }
+}
+
+/// Host memory (MiB) and CPUs, bounded by the cgroup this process runs under.
+pub fn host_capacity() -> (u64, f64) {
+    let mut mem_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(4096);
+    for path in [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ] {
+        if let Some(limit) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            mem_mb = mem_mb.min(limit / (1024 * 1024));
+        }
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0);
+    (mem_mb.max(1), cpus)
+}
+
+/// What the running instance is made of, for `doctor` and `serve`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Wiring {
+    /// Accelerator in use.
+    pub accelerator: String,
+    /// Why that accelerator.
+    pub accelerator_reason: String,
+    /// How limits are enforced (cgroup v2 or rlimits) and why.
+    pub limit_mode: String,
+    /// Assets directory.
+    pub assets_dir: PathBuf,
+    /// Work directory.
+    pub work_dir: PathBuf,
+    /// Networking available.
+    pub network: bool,
+}
+
+/// A started sbx instance: a scheduler over the default adapters.
+pub struct Sbx {
+    scheduler: Scheduler,
+    overlays: Arc<overlay::OverlayPool>,
+    wiring: Wiring,
+}
+
+impl std::fmt::Debug for Sbx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sbx").field("wiring", &self.wiring).finish()
+    }
+}
+
+impl Sbx {
+    /// Probes the host, wires the adapters and starts the scheduler.
+    pub async fn start(cfg: SbxConfig) -> Result<Self> {
+        let report = probes::host_report().await;
+        let qemu = qemu_cmd::QemuHypervisor::from_report(report)?;
+        let assets = GuestAssets::in_dir(&cfg.assets_dir);
+        if !assets.kernel.is_file() {
+            return Err(Error::permanent(
+                PermanentCause::MissingDependency,
+                format!(
+                    "guest assets not found in {}: build them with `cargo xtask assets` \
+                     (or set SBX_ASSETS_DIR)",
+                    cfg.assets_dir.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(&cfg.work_dir).map_err(|e| {
+            Error::permanent(
+                PermanentCause::Host,
+                format!("cannot create work dir {}", cfg.work_dir.display()),
+            )
+            .with_source(e)
+        })?;
+        let overlays = Arc::new(
+            overlay::OverlayPool::new(overlay::PoolConfig {
+                pool_root: Some(cfg.work_dir.clone()),
+                size_per_base: cfg.overlay_pool_size,
+                ..overlay::PoolConfig::default()
+            })
+            .map_err(Error::from)?,
+        );
+        let limiter =
+            cgroupv2::CgroupLimiter::new(cgroupv2::CgroupConfig::default()).map_err(Error::from)?;
+        let limit_mode = format!("{:?}: {}", limiter.mode(), limiter.reason());
+        let channel = qemu_cmd::SerialGuestChannel::new(qemu.qemu_uid());
+        let network: Option<Arc<dyn NetworkProxy>> = netproxy_adapter();
+        let accelerator = report.accelerator();
+        let ports = Ports {
+            hypervisor: Arc::new(qemu),
+            overlays: overlays.clone(),
+            limiter: Arc::new(limiter),
+            network: network.clone(),
+            channel: Arc::new(channel),
+        };
+        let mut vm_cfg = VmManagerConfig::new(assets, cfg.work_dir.clone(), accelerator);
+        vm_cfg.max_vms = cfg.max_vms;
+        let manager = VmManager::new(vm_cfg, ports);
+        let mut sched_cfg = cfg.scheduler.clone();
+        if cfg.admission {
+            let (mem, cpus) = host_capacity();
+            sched_cfg.admission = Some(AdmissionConfig::for_host(mem, cpus));
+        }
+        let scheduler = Scheduler::new(sched_cfg, manager)?;
+        scheduler.start()?;
+        let wiring = Wiring {
+            accelerator: accelerator.to_string(),
+            accelerator_reason: report.accelerator.reason.clone(),
+            limit_mode,
+            assets_dir: cfg.assets_dir.clone(),
+            work_dir: cfg.work_dir.clone(),
+            network: network.is_some(),
+        };
+        Ok(Self {
+            scheduler,
+            overlays,
+            wiring,
+        })
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// What this instance is made of.
+    pub fn wiring(&self) -> &Wiring {
+        &self.wiring
+    }
+
+    /// Stops everything: warm pool, sessions, VMs, overlay pool.
+    pub async fn stop(&self) {
+        self.scheduler.stop().await;
+        self.overlays.shutdown().await;
+    }
+
+    /// Waits for the warm pool to fill.
+    pub async fn wait_pool_ready(&self, timeout: Duration) -> bool {
+        self.scheduler.wait_pool_ready(timeout).await
+    }
+}
+
+/// The network proxy adapter, when this build has one.
+fn netproxy_adapter() -> Option<Arc<dyn NetworkProxy>> {
+    None
+}
+
+/// Parses a language name (case-insensitive) or detects it from a file name.
+pub fn language_for(name: Option<&str>, path: Option<&std::path::Path>) -> Result<Language> {
+    if let Some(n) = name {
+        return n.parse().map_err(|_| {
+            Error::input(
+                "language",
+                format!("unknown language {n:?} (python, javascript, raw)"),
+            )
+        });
+    }
+    Ok(path
+        .and_then(Language::from_path)
+        .unwrap_or(Language::Python))
+}
