@@ -1,0 +1,132 @@
+//! Agent configuration.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A uid/gid pair that user code runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIds {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl UserIds {
+    /// The unprivileged user of the VM images (1000:1000).
+    pub const VM_USER: UserIds = UserIds {
+        uid: 1000,
+        gid: 1000,
+    };
+}
+
+/// Everything the engine needs to know about its environment.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Session root: user code's cwd and HOME, and the base of every file path
+    /// (`/home/user` in the VM).
+    pub root: PathBuf,
+    /// Run user code (REPLs, package managers) as this user. `None`: as the agent's own
+    /// user (host mode without privileges).
+    pub user: Option<UserIds>,
+    /// `RLIMIT_NPROC` for user code (only effective for an unprivileged uid).
+    pub nproc: u64,
+    /// Grace period between SIGTERM and SIGKILL on timeout or cancel.
+    pub grace: Duration,
+    /// python3 interpreter.
+    pub python: PathBuf,
+    /// node interpreter.
+    pub node: PathBuf,
+    /// bash.
+    pub bash: PathBuf,
+    /// `PATH` of user code.
+    pub path_env: String,
+    /// Directory for temporary scripts (`#!` raw code); must allow exec.
+    pub temp_dir: PathBuf,
+    /// Reseed the kernel CRNG (`RNDRESEEDCRNG`) before each exec (needs root; VM only).
+    pub reseed_crng: bool,
+    /// Milliseconds from kernel start to the agent being ready (reported in `Pong`).
+    pub boot_ms: Option<u64>,
+    /// True when running as PID 1 inside the VM: `Shutdown` powers the machine off.
+    pub pid1: bool,
+}
+
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin";
+
+impl AgentConfig {
+    /// Configuration for the agent as PID 1 inside the VM.
+    pub fn vm() -> Self {
+        let root = PathBuf::from("/home/user");
+        Self {
+            path_env: user_path(&root),
+            root,
+            user: Some(UserIds::VM_USER),
+            nproc: 1024,
+            grace: Duration::from_secs(3),
+            python: PathBuf::from("/usr/bin/python3"),
+            node: PathBuf::from("/usr/bin/node"),
+            bash: PathBuf::from("/bin/bash"),
+            temp_dir: PathBuf::from("/tmp"),
+            reseed_crng: true,
+            boot_ms: None,
+            pid1: true,
+        }
+    }
+
+    /// Configuration for host mode (tests, development): user code runs as the current
+    /// user in `root`; interpreters are taken from `/usr/bin` (or `/bin`) when present
+    /// there, so they also work for another uid, else looked up on `PATH`.
+    pub fn host(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        Self {
+            path_env: user_path(&root),
+            python: find_interpreter("python3"),
+            node: find_interpreter("node"),
+            bash: find_interpreter("bash"),
+            root,
+            user: None,
+            nproc: 1024,
+            grace: Duration::from_secs(3),
+            temp_dir: std::env::temp_dir(),
+            reseed_crng: false,
+            boot_ms: None,
+            pid1: false,
+        }
+    }
+
+    /// Directory pip installs into (on the REPL's `PYTHONPATH`).
+    pub fn python_packages_dir(&self) -> PathBuf {
+        self.root.join(".local/lib/python3/site-packages")
+    }
+
+    /// Prefix npm installs into (`<prefix>/node_modules`).
+    pub fn node_prefix(&self) -> PathBuf {
+        self.root.clone()
+    }
+}
+
+fn user_path(root: &Path) -> String {
+    format!(
+        "{}:{}:{DEFAULT_PATH}",
+        root.join(".local/bin").display(),
+        root.join("node_modules/.bin").display()
+    )
+}
+
+/// `/usr/bin/<name>` or `/bin/<name>` when present, else [`find_on_path`].
+pub fn find_interpreter(name: &str) -> PathBuf {
+    ["/usr/bin", "/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| find_on_path(name))
+}
+
+/// Finds `name` on the agent's `PATH`, or returns it unchanged.
+pub fn find_on_path(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}

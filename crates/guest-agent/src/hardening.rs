@@ -1,0 +1,139 @@
+//! In-guest hardening (PID 1 only): sysctls, `/dev` clean-up, read-only binds, loopback,
+//! and the kernel CRNG reseed before each command.
+//!
+//! Every step is best effort and logged: a kernel without a knob (e.g. no Yama) must not
+//! stop the VM from booting. Only the VM tests can check these.
+#![allow(unsafe_code)]
+
+use std::fs;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, symlink};
+use std::path::Path;
+
+use nix::mount::{MsFlags, mount};
+use tracing::debug;
+
+/// Sysctls applied at boot: `(path below /proc/sys, value)`.
+pub const SYSCTLS: &[(&str, &str)] = &[
+    ("kernel/unprivileged_bpf_disabled", "1"),
+    ("net/core/bpf_jit_harden", "2"),
+    ("kernel/kptr_restrict", "2"),
+    ("kernel/dmesg_restrict", "1"),
+    ("kernel/yama/ptrace_scope", "2"),
+    ("kernel/perf_event_paranoid", "3"),
+    ("kernel/sysrq", "0"),
+    ("kernel/unprivileged_userns_clone", "0"),
+    ("user/max_user_namespaces", "0"),
+    ("vm/unprivileged_userfaultfd", "0"),
+    ("fs/protected_symlinks", "1"),
+    ("fs/protected_hardlinks", "1"),
+    ("fs/protected_fifos", "2"),
+    ("fs/protected_regular", "2"),
+    ("fs/suid_dumpable", "0"),
+    ("kernel/core_pattern", "|/bin/false"),
+];
+
+/// Writes [`SYSCTLS`]; returns how many could not be set (missing knobs included).
+pub fn apply_sysctls() -> usize {
+    let mut failed = 0;
+    for (key, value) in SYSCTLS {
+        let path = Path::new("/proc/sys").join(key);
+        if let Err(err) = fs::write(&path, value) {
+            debug!(key, %err, "sysctl not applied");
+            failed += 1;
+        }
+    }
+    failed
+}
+
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Asks the kernel to reseed its CRNG now, so VMs restored from one snapshot diverge.
+/// Needs CAP_SYS_ADMIN; failures are ignored.
+pub fn reseed_crng() {
+    let Ok(file) = fs::File::open("/dev/urandom") else {
+        return;
+    };
+    // SAFETY: RNDRESEEDCRNG takes no argument; the descriptor is valid for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG as _) };
+    if rc != 0 {
+        debug!(err = %io::Error::last_os_error(), "RNDRESEEDCRNG failed");
+    }
+}
+
+/// Brings the loopback interface up (`SIOCGIFFLAGS` / `SIOCSIFFLAGS`).
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the result is checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags into the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: SIOCSIFFLAGS reads the ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes block device nodes and `/dev/{mem,kmem,port}`, and adds the usual symlinks.
+pub fn clean_dev(dev: &Path) {
+    for name in ["mem", "kmem", "port", "block", "disk"] {
+        let path = dev.join(name);
+        let _ = fs::remove_file(&path);
+        let _ = fs::remove_dir_all(&path);
+    }
+    if let Ok(entries) = fs::read_dir(dev) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_block_device()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = symlink(target, dev.join(name));
+    }
+}
+
+/// Bind-mounts `path` onto itself read-only (nosuid, nodev).
+pub fn readonly_bind(path: &Path) -> nix::Result<()> {
+    mount(
+        Some(path),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )?;
+    mount(
+        None::<&str>,
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+}

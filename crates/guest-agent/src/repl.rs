@@ -1,0 +1,589 @@
+//! One persistent interpreter process per language, and the completion protocol with it.
+//!
+//! # Completion detection
+//!
+//! The REPL wrapper (`src/wrappers/`) runs with four private pipes besides stdin
+//! (`/dev/null`):
+//!
+//! - fd 1 / fd 2: stdout and stderr, read by the agent and streamed as they arrive;
+//! - fd 3: the control pipe. The agent writes one request at a time, length-prefixed
+//!   (JSON `{id, code, env}` for Python and JavaScript; a header line with three lengths
+//!   for bash);
+//! - fd 4: the status pipe. When the code has finished and the wrapper has flushed its
+//!   output, it writes `"<id> <exit code>\n"` there.
+//!
+//! The status never travels on stdout/stderr, so nothing user code prints can end an
+//! execution early. `id` is 64 random bits chosen per execution; status lines with another
+//! id are ignored, so stray bytes written to fd 4 by a leftover background process cannot
+//! complete a later execution either. The wrappers mark fds 3/4 close-on-exec (Python,
+//! Node) or close them for the user code (bash), and only the wrapper process itself may
+//! report: it compares its pid with the one it started with, and a forked child that
+//! returns into the loop exits without writing.
+//!
+//! Because the wrapper flushes stdout/stderr before it writes the status, every byte the
+//! code produced is already in the pipes when the status arrives: the agent then drains
+//! them without blocking and ends the execution. Nothing waits for a pipe's EOF or for a
+//! quiet period, so background processes that keep the pipes open cannot delay an
+//! execution, and there is no timer in the completion path.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use guest_proto::limits::{MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
+use guest_proto::{GuestMessage, Language};
+use nix::sys::signal::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::process::{self, ExitKind, Sandbox};
+use crate::server::Outbox;
+
+const PYTHON_WRAPPER: &str = include_str!("wrappers/python.py");
+const NODE_WRAPPER: &str = include_str!("wrappers/node.js");
+const BASH_WRAPPER: &str = include_str!("wrappers/bash.sh");
+
+/// Size of one read from the output pipes (and so the largest output chunk).
+const READ_BYTES: usize = guest_proto::CHUNK_BYTES;
+/// Most bytes drained from one pipe after completion (a background writer could
+/// otherwise keep the drain going forever).
+const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
+/// How long to wait for a REPL to die after SIGKILL before giving up on it.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Why an execution was interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// The timeout expired.
+    Timeout,
+    /// The host cancelled it.
+    Cancel,
+}
+
+/// What happened to one execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Exit status reported by the wrapper, or from the REPL's death (`None` when it
+    /// could not be determined, e.g. the REPL was killed after a timeout).
+    pub status: Option<i32>,
+    /// The REPL process died (or must be replaced).
+    pub repl_dead: bool,
+    /// The execution was interrupted.
+    pub interrupted: Option<Interrupt>,
+    /// stdout went over [`MAX_STDOUT_BYTES`].
+    pub stdout_over: bool,
+    /// stderr went over [`MAX_STDERR_BYTES`].
+    pub stderr_over: bool,
+}
+
+/// One request for the wrapper.
+#[derive(Debug, Clone)]
+pub struct ReplRequest<'a> {
+    /// The code (validated).
+    pub code: &'a str,
+    /// Environment for this execution only (validated).
+    pub env: &'a [(String, String)],
+}
+
+/// A running interpreter with its pipes.
+#[derive(Debug)]
+pub struct Repl {
+    language: Language,
+    pid: i32,
+    ctl: AsyncFd<OwnedFd>,
+    out: AsyncFd<OwnedFd>,
+    err: AsyncFd<OwnedFd>,
+    status: AsyncFd<OwnedFd>,
+    exit: oneshot::Receiver<ExitKind>,
+    exited: Option<ExitKind>,
+}
+
+fn interpreter_command(language: Language, cfg: &AgentConfig) -> Command {
+    match language {
+        Language::Python => {
+            let mut cmd = Command::new(&cfg.python);
+            cmd.args(["-q", "-c", PYTHON_WRAPPER]);
+            cmd
+        }
+        Language::Javascript => {
+            let mut cmd = Command::new(&cfg.node);
+            cmd.args(["--expose-internals", "-e", NODE_WRAPPER]);
+            cmd
+        }
+        Language::Raw => {
+            let mut cmd = Command::new(&cfg.bash);
+            cmd.args(["--norc", "--noprofile", "-c", BASH_WRAPPER, "bash"]);
+            cmd
+        }
+    }
+}
+
+/// The environment every user process starts with.
+pub fn base_env(cfg: &AgentConfig) -> Vec<(String, String)> {
+    let root = cfg.root.display().to_string();
+    vec![
+        ("PATH".into(), cfg.path_env.clone()),
+        ("HOME".into(), root.clone()),
+        ("USER".into(), "user".into()),
+        ("LOGNAME".into(), "user".into()),
+        ("SHELL".into(), cfg.bash.display().to_string()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TERM".into(), "dumb".into()),
+        ("TMPDIR".into(), cfg.temp_dir.display().to_string()),
+        (
+            "PYTHONPATH".into(),
+            cfg.python_packages_dir().display().to_string(),
+        ),
+        ("PYTHONUSERBASE".into(), format!("{root}/.local")),
+        (
+            "NODE_PATH".into(),
+            cfg.node_prefix().join("node_modules").display().to_string(),
+        ),
+        ("npm_config_cache".into(), format!("{root}/.npm")),
+    ]
+}
+
+fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    process::set_nonblocking(&fd)?;
+    // SAFETY: the OwnedFd moves into the AsyncFd and stays open for its whole lifetime.
+    Ok(unsafe { AsyncFd::register(fd) }?)
+}
+
+enum Read {
+    Data(usize),
+    Eof,
+    WouldBlock,
+}
+
+fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<Read> {
+    loop {
+        match nix::unistd::read(fd, buf) {
+            Ok(0) => return Ok(Read::Eof),
+            Ok(n) => return Ok(Read::Data(n)),
+            Err(nix::errno::Errno::EAGAIN) => return Ok(Read::WouldBlock),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+/// Output counting against a cap.
+#[derive(Debug)]
+struct Capped {
+    total: usize,
+    cap: usize,
+    over: bool,
+    is_err: bool,
+}
+
+impl Capped {
+    fn new(cap: usize, is_err: bool) -> Self {
+        Self {
+            total: 0,
+            cap,
+            over: false,
+            is_err,
+        }
+    }
+
+    async fn forward(&mut self, data: &[u8], out: &Outbox) {
+        if self.over || data.is_empty() {
+            return;
+        }
+        let room = self.cap - self.total;
+        let take = if data.len() > room {
+            self.over = true;
+            room
+        } else {
+            data.len()
+        };
+        self.total += take;
+        if take > 0 {
+            let chunk = Bytes::copy_from_slice(&data[..take]);
+            let msg = if self.is_err {
+                GuestMessage::Stderr(chunk)
+            } else {
+                GuestMessage::Stdout(chunk)
+            };
+            out.send(msg).await;
+        }
+    }
+}
+
+/// Completion state: how far the termination sequence has gone.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Running { deadline: Instant },
+    Terminating { kill_at: Instant },
+    Killed { give_up_at: Instant },
+}
+
+impl Phase {
+    fn next(self) -> Instant {
+        match self {
+            Phase::Running { deadline } => deadline,
+            Phase::Terminating { kill_at } => kill_at,
+            Phase::Killed { give_up_at } => give_up_at,
+        }
+    }
+}
+
+impl Repl {
+    /// Starts the interpreter for `language`.
+    pub fn spawn(language: Language, cfg: &AgentConfig) -> io::Result<Repl> {
+        let (ctl_r, ctl_w) = process::pipe()?;
+        let (st_r, st_w) = process::pipe()?;
+        let ctl_child = process::dup_above(&ctl_r, 10)?;
+        let st_child = process::dup_above(&st_w, 10)?;
+        drop(ctl_r);
+        drop(st_w);
+        let mut cmd = interpreter_command(language, cfg);
+        cmd.env_clear()
+            .envs(base_env(cfg))
+            .current_dir(&cfg.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Sandbox {
+            user: cfg.user,
+            nproc: Some(cfg.nproc),
+            fds: vec![(ctl_child.as_raw_fd(), 3), (st_child.as_raw_fd(), 4)],
+        }
+        .apply(&mut cmd);
+        let mut spawned = process::spawn(&mut cmd)?;
+        drop(ctl_child);
+        drop(st_child);
+        let pid = i32::try_from(spawned.child.id()).map_err(io::Error::other)?;
+        let (Some(stdout), Some(stderr)) =
+            (spawned.child.stdout.take(), spawned.child.stderr.take())
+        else {
+            process::signal_group(pid, Signal::SIGKILL);
+            return Err(io::Error::other("interpreter started without piped stdio"));
+        };
+        Ok(Repl {
+            language,
+            pid,
+            ctl: async_fd(ctl_w)?,
+            out: async_fd(OwnedFd::from(stdout))?,
+            err: async_fd(OwnedFd::from(stderr))?,
+            status: async_fd(st_r)?,
+            exit: spawned.exit,
+            exited: None,
+        })
+    }
+
+    /// The interpreter's pid (also its process group and session id).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The language this REPL runs.
+    pub fn language(&self) -> Language {
+        self.language
+    }
+
+    /// False once the interpreter is known to have exited.
+    pub fn is_alive(&mut self) -> bool {
+        if self.exited.is_some() {
+            return false;
+        }
+        match self.exit.try_recv() {
+            Ok(kind) => {
+                self.exited = Some(kind);
+                false
+            }
+            Err(oneshot::error::TryRecvError::Empty) => true,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                self.exited = Some(ExitKind::Exited(-1));
+                false
+            }
+        }
+    }
+
+    /// Kills the interpreter, its process group and its descendants.
+    pub fn kill(&self) {
+        process::signal_tree(self.pid, Signal::SIGKILL);
+    }
+
+    fn encode(&self, id: &str, req: &ReplRequest<'_>) -> Vec<u8> {
+        match self.language {
+            Language::Python | Language::Javascript => {
+                let json = serde_json::json!({ "id": id, "code": req.code, "env": req.env });
+                let body = json.to_string();
+                let mut out = format!("{}\n", body.len()).into_bytes();
+                out.extend_from_slice(body.as_bytes());
+                out
+            }
+            Language::Raw => {
+                let (pre, post) = bash_env_snippets(req.env);
+                let mut out =
+                    format!("{id} {} {} {}\n", pre.len(), req.code.len(), post.len()).into_bytes();
+                out.extend_from_slice(pre.as_bytes());
+                out.extend_from_slice(req.code.as_bytes());
+                out.extend_from_slice(post.as_bytes());
+                out
+            }
+        }
+    }
+
+    /// Discards output left in the pipes by background processes since the last run.
+    fn discard_stale(&mut self) {
+        let mut buf = vec![0u8; READ_BYTES];
+        for fd in [&self.out, &self.err, &self.status] {
+            let mut drained = 0;
+            while drained < DRAIN_LIMIT {
+                match read_fd(fd.get_ref(), &mut buf) {
+                    Ok(Read::Data(n)) => drained += n,
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// Runs one request to completion, streaming output to `out`.
+    ///
+    /// Ends when the wrapper reports completion, when the interpreter dies, or after the
+    /// termination sequence (SIGTERM to the process tree, `grace`, SIGKILL) started by the
+    /// `deadline` or by `cancel`.
+    pub async fn run(
+        &mut self,
+        req: &ReplRequest<'_>,
+        out: &Outbox,
+        deadline: Instant,
+        grace: Duration,
+        cancel: &CancellationToken,
+    ) -> RunOutcome {
+        self.discard_stale();
+        let id = process::random_hex();
+        let request = self.encode(&id, req);
+        let mut written = 0usize;
+        let mut stdout = Capped::new(MAX_STDOUT_BYTES, false);
+        let mut stderr = Capped::new(MAX_STDERR_BYTES, true);
+        let mut status_buf: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; READ_BYTES];
+        let mut out_open = true;
+        let mut err_open = true;
+        let mut status_open = true;
+        let mut phase = Phase::Running { deadline };
+        let mut interrupted = None;
+        let pid = self.pid;
+
+        let Repl {
+            ctl,
+            out: out_fd,
+            err: err_fd,
+            status,
+            exit,
+            exited,
+            ..
+        } = self;
+
+        let mut result: Option<(Option<i32>, bool)> = None;
+        if let Some(kind) = exited {
+            result = Some((Some(kind.code()), true));
+        }
+        while result.is_none() {
+            let pending = written < request.len();
+            tokio::select! {
+                r = ctl.writable(), if pending => {
+                    if let Ok(mut guard) = r {
+                        match guard.try_io(|fd| {
+                            nix::unistd::write(fd.get_ref(), &request[written..]).map_err(io::Error::from)
+                        }) {
+                            Ok(Ok(n)) => written += n,
+                            Ok(Err(_)) => written = request.len(), // EPIPE: the REPL is gone
+                            Err(_would_block) => {}
+                        }
+                    }
+                }
+                r = out_fd.readable(), if out_open => {
+                    if let Ok(mut guard) = r {
+                        match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
+                            Ok(Ok(Read::Data(n))) => stdout.forward(&buf[..n], out).await,
+                            Ok(Ok(Read::WouldBlock)) => guard.clear_ready(),
+                            Ok(Ok(Read::Eof)) | Ok(Err(_)) => out_open = false,
+                            Err(_would_block) => {}
+                        }
+                    }
+                }
+                r = err_fd.readable(), if err_open => {
+                    if let Ok(mut guard) = r {
+                        match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
+                            Ok(Ok(Read::Data(n))) => stderr.forward(&buf[..n], out).await,
+                            Ok(Ok(Read::WouldBlock)) => guard.clear_ready(),
+                            Ok(Ok(Read::Eof)) | Ok(Err(_)) => err_open = false,
+                            Err(_would_block) => {}
+                        }
+                    }
+                }
+                r = status.readable(), if status_open => {
+                    if let Ok(mut guard) = r {
+                        match guard.try_io(|fd| read_fd(fd.get_ref(), &mut buf)) {
+                            Ok(Ok(Read::Data(n))) => {
+                                status_buf.extend_from_slice(&buf[..n]);
+                                if let Some(code) = parse_status(&mut status_buf, &id) {
+                                    result = Some((Some(code), false));
+                                }
+                            }
+                            Ok(Ok(Read::WouldBlock)) => guard.clear_ready(),
+                            Ok(Ok(Read::Eof)) | Ok(Err(_)) => status_open = false,
+                            Err(_would_block) => {}
+                        }
+                    }
+                }
+                r = &mut *exit, if exited.is_none() => {
+                    let kind = r.unwrap_or(ExitKind::Exited(-1));
+                    *exited = Some(kind);
+                    result = Some((Some(kind.code()), true));
+                }
+                () = tokio::time::sleep_until(phase.next().into()) => {
+                    match phase {
+                        Phase::Running { .. } => {
+                            interrupted = Some(Interrupt::Timeout);
+                            process::signal_tree(pid, Signal::SIGTERM);
+                            phase = Phase::Terminating { kill_at: Instant::now() + grace };
+                        }
+                        Phase::Terminating { .. } => {
+                            process::signal_tree(pid, Signal::SIGKILL);
+                            phase = Phase::Killed { give_up_at: Instant::now() + KILL_WAIT };
+                        }
+                        Phase::Killed { .. } => result = Some((None, true)),
+                    }
+                }
+                () = cancel.cancelled(), if matches!(phase, Phase::Running { .. }) => {
+                    interrupted = Some(Interrupt::Cancel);
+                    process::signal_tree(pid, Signal::SIGTERM);
+                    phase = Phase::Terminating { kill_at: Instant::now() + grace };
+                }
+            }
+        }
+        // Everything the code wrote before completing is in the pipes now: drain it.
+        for (fd, sink, open) in [
+            (&*out_fd, &mut stdout, out_open),
+            (&*err_fd, &mut stderr, err_open),
+        ] {
+            let mut drained = 0;
+            while open && drained < DRAIN_LIMIT {
+                match read_fd(fd.get_ref(), &mut buf) {
+                    Ok(Read::Data(n)) => {
+                        drained += n;
+                        sink.forward(&buf[..n], out).await;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let (status_code, mut dead) = result.unwrap_or((None, true));
+        if interrupted.is_some() {
+            dead = true;
+        }
+        let status_code = match (interrupted, status_code, *exited) {
+            // The REPL was killed by our signal: no exit code of its own.
+            (Some(_), _, Some(ExitKind::Signaled(_))) if dead => None,
+            (_, code, _) => code,
+        };
+        RunOutcome {
+            status: status_code,
+            repl_dead: dead,
+            interrupted,
+            stdout_over: stdout.over,
+            stderr_over: stderr.over,
+        }
+    }
+}
+
+impl Drop for Repl {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            self.kill();
+        } else {
+            process::signal_group(self.pid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// Finds the status line for `id` in `buf`; drops complete lines that are not it.
+fn parse_status(buf: &mut Vec<u8>, id: &str) -> Option<i32> {
+    let mut found = None;
+    while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+        let line: Vec<u8> = buf.drain(..=nl).collect();
+        let Ok(text) = std::str::from_utf8(&line) else {
+            continue;
+        };
+        if let Some(pos) = text.rfind(id) {
+            let rest = text[pos + id.len()..].trim();
+            if let Ok(code) = rest.parse::<i32>() {
+                found = Some(code);
+                break;
+            }
+        }
+    }
+    if buf.len() > 64 * 1024 {
+        let cut = buf.len() - 1024;
+        buf.drain(..cut);
+    }
+    found
+}
+
+/// Quotes `s` for bash in single quotes.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// True for a name bash can hold as a variable.
+pub fn is_shell_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// Bash snippets that set `env` for one execution and restore the previous values
+/// afterwards (a variable the code changed itself is left alone).
+fn bash_env_snippets(env: &[(String, String)]) -> (String, String) {
+    let mut pre = String::new();
+    let mut post = String::new();
+    for (i, (k, v)) in env.iter().enumerate() {
+        if !is_shell_identifier(k) {
+            continue;
+        }
+        let q = shell_quote(v);
+        pre.push_str(&format!(
+            "if [[ -v {k} ]]; then __sbx_o{i}=${k}; __sbx_s{i}=1; [[ ${{{k}@a}} == *x* ]] && __sbx_x{i}=1 || __sbx_x{i}=0; else __sbx_s{i}=0; fi; export {k}={q}\n"
+        ));
+        post.push_str(&format!(
+            "if [[ ${{{k}-}} == {q} ]]; then if (( __sbx_s{i} )); then {k}=$__sbx_o{i}; (( __sbx_x{i} )) || export -n {k}; else unset {k}; fi; fi; unset __sbx_o{i} __sbx_s{i} __sbx_x{i}\n"
+        ));
+    }
+    (pre, post)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parsing_ignores_other_ids_and_garbage() {
+        let mut buf = b"garbage\nabc 3\n".to_vec();
+        assert_eq!(parse_status(&mut buf, "deadbeef"), None);
+        buf.extend_from_slice(b"junkdeadbeef 42\n");
+        assert_eq!(parse_status(&mut buf, "deadbeef"), Some(42));
+        let mut partial = b"deadbeef 4".to_vec();
+        assert_eq!(parse_status(&mut partial, "deadbeef"), None);
+        partial.extend_from_slice(b"\n");
+        assert_eq!(parse_status(&mut partial, "deadbeef"), Some(4));
+    }
+
+    #[test]
+    fn shell_helpers() {
+        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
+        assert!(is_shell_identifier("_A1"));
+        assert!(!is_shell_identifier("1A"));
+        assert!(!is_shell_identifier("A.B"));
+        assert!(!is_shell_identifier(""));
+    }
+}
