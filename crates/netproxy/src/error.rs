@@ -17,7 +17,9 @@ pub enum NetProxyError {
         source: std::io::Error,
     },
     /// The socket path does not fit into `sockaddr_un` (108 bytes).
-    #[error("network socket path {path} is {len} bytes, at most {max} fit in a unix socket address")]
+    #[error(
+        "network socket path {path} is {len} bytes, at most {max} fit in a unix socket address"
+    )]
     SocketPathTooLong {
         /// The socket path.
         path: PathBuf,

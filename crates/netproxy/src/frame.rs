@@ -110,11 +110,8 @@ mod tests {
             let mut d = FrameDecoder::new();
             for c in chunks {
                 d.extend(&c);
-                loop {
-                    match d.next_frame() {
-                        Ok(Some(f)) => prop_assert!(f.len() >= MIN_FRAME && f.len() <= MAX_FRAME),
-                        Ok(None) | Err(_) => break,
-                    }
+                while let Ok(Some(f)) = d.next_frame() {
+                    prop_assert!(f.len() >= MIN_FRAME && f.len() <= MAX_FRAME);
                 }
             }
         }

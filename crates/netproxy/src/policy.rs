@@ -158,6 +158,8 @@ pub struct ProxyStats {
     /// Failures that are not policy decisions: `upstream_connect`, `dns_upstream`,
     /// `frame_stream`.
     pub failed: BTreeMap<String, u64>,
+    /// How many times a peer (QEMU) connected to the VM's network socket.
+    pub attachments: u64,
 }
 
 impl ProxyStats {
@@ -200,6 +202,10 @@ impl StatsCell {
 
     pub(crate) fn fail(&self, kind: &str) {
         self.with(|s| *s.failed.entry(kind.to_owned()).or_default() += 1);
+    }
+
+    pub(crate) fn attached(&self) {
+        self.with(|s| s.attachments += 1);
     }
 
     pub(crate) fn snapshot(&self) -> ProxyStats {
@@ -368,7 +374,7 @@ mod tests {
         ] {
             assert!(h.forbidden(ip.parse().unwrap()), "{ip}");
         }
-        assert!(!h.forbidden("93.184.215.14".parse().unwrap()));
+        assert!(!h.forbidden("192.0.2.10".parse().unwrap()));
         assert!(!HostAddrs::discover(true).forbidden("127.0.0.1".parse().unwrap()));
     }
 

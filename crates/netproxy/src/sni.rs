@@ -109,10 +109,11 @@ pub fn parse_client_hello(data: &[u8]) -> SniOutcome {
         }
         let Some(fragment) = records.take(len) else {
             // Whole record not there yet; decide early if it is not a ClientHello.
-            if let Some(&t) = data.get(5) {
-                if handshake.is_empty() && t != HANDSHAKE_CLIENT_HELLO {
-                    return SniOutcome::NotTls;
-                }
+            if let Some(&t) = data.get(5)
+                && handshake.is_empty()
+                && t != HANDSHAKE_CLIENT_HELLO
+            {
+                return SniOutcome::NotTls;
             }
             return SniOutcome::Incomplete;
         };
