@@ -308,6 +308,7 @@ impl NetProxy {
             vm_id,
             attachment: NetworkAttachment::UnixStream { socket },
             exposed_ports: exposed,
+            guest_kernel_args: vec![guest_kernel_args()],
         })
     }
 

@@ -194,6 +194,7 @@ impl<'a> QemuCommandBuilder<'a> {
             args.extend(["quiet", "loglevel=0", "printk.devkmsg=off"].map(String::from));
         }
         args.extend(self.options.extra_kernel_args.iter().cloned());
+        args.extend(self.spec.kernel_args.iter().cloned());
         args.join(" ")
     }
 
@@ -374,6 +375,7 @@ mod tests {
                 lines: None,
                 verbose: false,
             },
+            kernel_args: Vec::new(),
         }
     }
 

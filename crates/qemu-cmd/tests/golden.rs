@@ -37,6 +37,7 @@ fn spec(accel: Accelerator, network: bool, verbose: bool) -> VmSpec {
             lines: None,
             verbose,
         },
+        kernel_args: Vec::new(),
     }
 }
 

@@ -64,6 +64,7 @@ fn spec(dir: &Path, network: Option<PathBuf>) -> VmSpec {
             lines: None,
             verbose: false,
         },
+        kernel_args: Vec::new(),
     }
 }
 

@@ -693,6 +693,7 @@ impl VmManager {
 
         let mut network_attachment = None;
         let mut exposed_ports = Vec::new();
+        let mut kernel_args = Vec::new();
         if !matches!(opts.network, NetworkPolicy::None)
             && let Some(proxy) = &self.ports.network
         {
@@ -702,6 +703,7 @@ impl VmManager {
                 .map_err(|e| e.with_vm(vm_id).with_operation("network"))?;
             network_attachment = Some(handle.attachment.clone());
             exposed_ports = handle.exposed_ports.clone();
+            kernel_args = handle.guest_kernel_args.clone();
             teardown.network = Some(handle);
         }
 
@@ -723,6 +725,7 @@ impl VmManager {
                 lines: opts.boot_log.clone(),
                 verbose: opts.boot_log.is_some(),
             },
+            kernel_args,
         };
         let setup_took = setup_started.elapsed();
 

@@ -87,6 +87,8 @@ pub struct VmSpec {
     pub network: Option<NetworkAttachment>,
     /// Console handling.
     pub console: ConsoleSpec,
+    /// Extra kernel command-line arguments (e.g. the guest network configuration).
+    pub kernel_args: Vec<String>,
 }
 
 /// How a VM process ended.
@@ -290,6 +292,8 @@ pub struct NetworkHandle {
     pub attachment: NetworkAttachment,
     /// Forwards that are listening on the host.
     pub exposed_ports: Vec<ExposedPort>,
+    /// Kernel command-line arguments that configure the guest side of this network.
+    pub guest_kernel_args: Vec<String>,
 }
 
 /// Starts and stops per-VM networks.
