@@ -28,23 +28,102 @@ enum Cmd {
         #[arg(long, env = assets::DIR_ENV)]
         dir: Option<PathBuf>,
     },
-    // `boot-smoke [--image raw|python|javascript|all]` goes here (issue 3 §2): it finds
-    // the assets with `xtask::assets::locate(&assets::default_dir()?)` and boots each image.
+    /// Boot each base image under QEMU, ping the agent, power off; print spawn→pong time
+    /// and QEMU peak RSS beside the Debian cloud kernel baseline.
+    BootSmoke {
+        /// Which images to boot.
+        #[arg(long, value_enum, default_value = "all")]
+        image: ImageChoice,
+        /// Boots per image (the median is reported).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// Cache directory [default: ~/.cache/sbx/assets].
+        #[arg(long, env = assets::DIR_ENV)]
+        dir: Option<PathBuf>,
+    },
+    /// Run the end-to-end tests over real microVMs (builds nothing: run `assets` first).
+    Itest {
+        /// Extra arguments for the test binary (e.g. a test name filter).
+        args: Vec<String>,
+    },
+    /// Benchmarks: JSON on stdout and in target/bench/latest.json.
+    Bench {
+        /// A short pass (fewer samples), to check the bench itself.
+        #[arg(long)]
+        quick: bool,
+        /// Cache directory [default: ~/.cache/sbx/assets].
+        #[arg(long, env = assets::DIR_ENV)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn assets_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match dir {
+        Some(d) => Ok(d),
+        None => assets::default_dir(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Assets { only, image, dir } => {
-            let dir = match dir {
-                Some(d) => d,
-                None => assets::default_dir()?,
+        Cmd::Assets { only, image, dir } => assets::build(&BuildOptions {
+            dir: assets_dir(dir)?,
+            only,
+            images: image.images(),
+        }),
+        Cmd::BootSmoke { image, runs, dir } => {
+            let found = assets::locate(&assets_dir(dir)?)?;
+            let report =
+                runtime()?.block_on(xtask::smoke::run(&found, &image.images(), runs.max(1)))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Cmd::Itest { args } => {
+            let found = assets::locate(&assets::default_dir()?)?;
+            for image in assets::Image::ALL {
+                found.image(image)?;
+            }
+            let status = std::process::Command::new(env!("CARGO"))
+                .args([
+                    "test",
+                    "--locked",
+                    "-p",
+                    "sbx",
+                    "--test",
+                    "vm",
+                    "--",
+                    "--ignored",
+                    "--test-threads",
+                    "1",
+                ])
+                .args(&args)
+                .env("SBX_ASSETS_DIR", &found.dir)
+                .status()?;
+            anyhow::ensure!(status.success(), "VM integration tests failed");
+            Ok(())
+        }
+        Cmd::Bench { quick, dir } => {
+            let found = assets::locate(&assets_dir(dir)?)?;
+            let size = if quick {
+                xtask::bench::BenchSize::quick()
+            } else {
+                xtask::bench::BenchSize::standard()
             };
-            assets::build(&BuildOptions {
-                dir,
-                only,
-                images: image.images(),
-            })
+            let report = runtime()?.block_on(xtask::bench::run(&found, size))?;
+            let text = serde_json::to_string_pretty(&report)?;
+            let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("latest.json"), &text)?;
+            println!("{text}");
+            Ok(())
         }
     }
 }

@@ -244,8 +244,13 @@ pub fn boottime_ms() -> u64 {
 }
 
 /// Syncs and powers the machine off (PID 1 only). Never returns.
+///
+/// The microvm machine has no ACPI, so `RB_POWER_OFF` would only halt the CPU. The kernel
+/// runs with `reboot=t` and QEMU with `-no-reboot`: a reboot (triple fault) makes QEMU
+/// exit, which is the power-off the host waits for.
 pub fn power_off() -> ! {
     nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
     // If the reboot call failed there is nothing sensible left to do: idle forever
     // (PID 1 must not exit, which would panic the kernel).

@@ -220,6 +220,9 @@ struct Teardown {
     overlay: Option<Overlay>,
     work_dir: Option<PathBuf>,
     slot: Option<OwnedSemaphorePermit>,
+    /// Set on the copy handed to a background task by `Drop`: if that task is dropped
+    /// unrun (runtime shutting down), clean up synchronously instead of spawning again.
+    in_background: bool,
 }
 
 impl Teardown {
@@ -235,6 +238,7 @@ impl Teardown {
             overlay: None,
             work_dir: None,
             slot: None,
+            in_background: false,
         }
     }
 
@@ -250,7 +254,22 @@ impl Teardown {
             overlay: self.overlay.take(),
             work_dir: self.work_dir.take(),
             slot: self.slot.take(),
+            in_background: self.in_background,
         }
+    }
+
+    /// Best-effort synchronous cleanup when no runtime can run the async one: the VM
+    /// process dies with its handle (kill-on-drop) and with its parent; the work dir goes.
+    fn release_sync(&mut self) {
+        if let Some(dir) = self.work_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        self.conn = None;
+        self.process = None;
+        self.network = None;
+        self.limits = None;
+        self.overlay = None;
+        self.slot = None;
     }
 
     fn is_empty(&self) -> bool {
@@ -310,25 +329,17 @@ impl Drop for Teardown {
         if self.is_empty() {
             return;
         }
-        let rest = self.take();
+        if self.in_background {
+            self.release_sync();
+            return;
+        }
+        let mut rest = self.take();
+        rest.in_background = true;
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 handle.spawn(rest.run());
             }
-            Err(_) => {
-                // No runtime left (process exit): the VM process dies with its parent
-                // (exit-with-parent / kill_on_drop); remove what we can synchronously.
-                let mut rest = rest;
-                if let Some(dir) = rest.work_dir.take() {
-                    let _ = std::fs::remove_dir_all(dir);
-                }
-                rest.process = None;
-                rest.conn = None;
-                rest.network = None;
-                rest.limits = None;
-                rest.overlay = None;
-                rest.slot = None;
-            }
+            Err(_) => rest.release_sync(),
         }
     }
 }

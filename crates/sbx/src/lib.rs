@@ -45,6 +45,7 @@ use sandbox_core::{
 use serde::Serialize;
 
 pub mod doctor;
+pub mod serve;
 
 /// Settings of the default wiring. [`SbxConfig::from_env`] reads the environment.
 #[derive(Debug, Clone)]

@@ -40,6 +40,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    // --- sbx serve (crates/sbx/src/serve/) ---
+    /// Serve the HTTP API (bearer token required unless --no-auth on loopback).
+    Serve(Box<sbx::serve::ServeArgs>),
+    // --- end sbx serve ---
 }
 
 #[derive(Debug, Args)]
@@ -90,7 +94,16 @@ struct RunArgs {
 /// Inserts `run` when the first argument is not a subcommand or a top-level flag.
 fn normalize_args(mut args: Vec<String>) -> Vec<String> {
     if let Some(first) = args.get(1) {
-        let known = ["run", "doctor", "help", "-h", "--help", "-V", "--version"];
+        let known = [
+            "run",
+            "doctor",
+            "serve",
+            "help",
+            "-h",
+            "--help",
+            "-V",
+            "--version",
+        ];
         if !known.contains(&first.as_str()) {
             args.insert(1, "run".to_owned());
         }
@@ -175,27 +188,8 @@ fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
 }
 
 fn result_json(r: &ExecutionResult) -> serde_json::Value {
-    let mut v = json!({
-        "stdout": r.stdout,
-        "stderr": r.stderr,
-        "exit_code": r.exit_code,
-        "execution_time_ms": r.execution_time_ms,
-        "timing": {
-            "total_ms": r.timing.total_ms,
-            "setup_ms": r.timing.setup_ms,
-            "boot_ms": r.timing.boot_ms,
-            "execute_ms": r.timing.execute_ms,
-            "admission_ms": r.timing.admission_ms,
-        },
-        "warm_pool_hit": r.warm_pool_hit,
-    });
-    if let Some(m) = r.memory_peak_mb {
-        v["memory_peak_mb"] = json!(m);
-    }
-    if !r.exposed_ports.is_empty() {
-        v["exposed_ports"] = json!(r.exposed_ports);
-    }
-    v
+    // Shared with `POST /v1/run` of `sbx serve`.
+    sbx::serve::result_json(r)
 }
 
 fn exit_status_of(r: &ExecutionResult) -> i32 {
@@ -511,9 +505,13 @@ fn main() {
         }
     };
     let debug = matches!(&cli.cmd, Cmd::Run(a) if a.debug);
+    // `sbx serve` logs one access line per request at info.
+    let serving = matches!(&cli.cmd, Cmd::Serve(_));
     let filter = std::env::var("SBX_LOG").unwrap_or_else(|_| {
         if debug {
             "debug".into()
+        } else if serving {
+            "info".into()
         } else {
             "error".into()
         }
@@ -536,6 +534,7 @@ fn main() {
         match cli.cmd {
             Cmd::Run(args) => cmd_run(*args).await,
             Cmd::Doctor { json } => cmd_doctor(json).await,
+            Cmd::Serve(args) => sbx::serve::cli::main(*args).await,
         }
     });
     drop(rt);
@@ -555,6 +554,7 @@ mod tests {
         assert_eq!(normalize_args(v(&["sbx", "print(1)"]))[1], "run");
         assert_eq!(normalize_args(v(&["sbx", "-l", "raw", "echo"]))[1], "run");
         assert_eq!(normalize_args(v(&["sbx", "doctor"]))[1], "doctor");
+        assert_eq!(normalize_args(v(&["sbx", "serve"]))[1], "serve");
         assert_eq!(normalize_args(v(&["sbx", "--help"]))[1], "--help");
         assert_eq!(normalize_args(v(&["sbx"])).len(), 1);
     }

@@ -188,7 +188,7 @@ pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
     fs::rename(&tmp, &out).with_context(|| format!("renaming to {}", out.display()))?;
     let secs = step.done();
     let mut inputs = inputs;
-    inputs.insert("file".to_owned(), json!(desc.trim()));
+    inputs.insert("file_before_strip".to_owned(), json!(desc.trim()));
     cache::write_record("agent", &out, &key, secs, inputs)
 }
 

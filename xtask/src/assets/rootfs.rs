@@ -16,7 +16,7 @@ use super::exec::{self, Step};
 use super::{Ctx, tools};
 
 /// Bumped whenever the recipe (hooks, stripping, packing) changes the output.
-pub const RECIPE_VERSION: &str = "rootfs-recipe-3";
+pub const RECIPE_VERSION: &str = "rootfs-recipe-5";
 /// Debian suite of every image.
 pub const SUITE: &str = "bookworm";
 /// apt sources of every image (the same ones this machine uses, minus backports).
@@ -198,17 +198,21 @@ for pkg in perl perl-modules-5.36 libperl5.36 apt libapt-pkg6.0 gpgv e2fsprogs l
     [ -f "$list" ] || continue
     while IFS= read -r f; do
       case "$f" in /usr/bin/perl|/usr/share/doc/*) continue ;; esac
+      # Directories stay, and so do symlinks to them (/lib -> usr/lib on merged /usr).
+      [ -d "$R$f" ] && continue
       if [ -f "$R$f" ] || [ -L "$R$f" ]; then rm -f "$R$f"; fi
     done < "$list"
   done
 done
 # git server-side and mail helpers (the client commands stay).
-for f in git-daemon git-http-backend git-http-push git-imap-send git-shell scalar; do
+for f in git-daemon git-http-backend git-http-fetch git-http-push git-imap-send git-shell scalar; do
   rm -f "$R/usr/lib/git-core/$f"
 done
 rm -f "$R"/usr/bin/scalar "$R"/usr/bin/git-shell
 rm -rf "$R"/usr/share/gitweb "$R"/usr/share/zoneinfo/right
-rm -f "$R"/var/lib/dpkg/info/*.md5sums
+# dpkg/debconf bookkeeping only package management reads (status stays: `dpkg -l` works).
+rm -f "$R"/var/lib/dpkg/info/*.md5sums "$R"/var/lib/dpkg/info/*.list \
+      "$R"/var/cache/debconf/*.dat "$R"/usr/bin/localedef
 # Drop the directories the removals emptied.
 find "$R"/usr/share/perl "$R"/usr/lib/x86_64-linux-gnu/perl "$R"/usr/lib/apt "$R"/etc/apt \
      -depth -type d -empty -delete 2>/dev/null || true
@@ -340,6 +344,68 @@ fn finalize(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Commands run (as `user`, in a chroot) to prove a stripped root still works.
+pub fn smoke_commands(image: Image) -> Vec<&'static str> {
+    let mut c = vec![
+        "bash -c 'echo ok' >/dev/null",
+        "git --version && jq --version && curl --version && file /bin/ls && tree --version",
+        "perl -e 1 && gawk --version && make --version && less --version && command -v ps",
+        "cd /tmp && git init -q t && cd t && echo x > f && git add f && git -c user.name=u -c user.email=u@x commit -qm m && rm -rf /tmp/t",
+    ];
+    match image {
+        Image::Raw => {}
+        Image::Python => c.extend([
+            "python3 -c 'import ssl, json, sqlite3, ctypes, venv, zlib, lzma, bz2, hashlib, decimal, asyncio, urllib.request'",
+            "pip3 --version",
+            "python3 -m venv --without-pip /tmp/v && /tmp/v/bin/python -c 'import sys' && rm -rf /tmp/v",
+        ]),
+        Image::Javascript => c.extend([
+            "node -e 'require(\"crypto\"); require(\"zlib\"); new Intl.DateTimeFormat(\"de\"); console.log(process.version)'",
+            "npm --version",
+        ]),
+    }
+    c
+}
+
+/// Checks the stripped tree before packing: essential paths are there and each smoke
+/// command succeeds when run as `user` in a chroot of the tree.
+fn verify_root(image: Image, root: &Path, log: &Path) -> Result<()> {
+    for p in [
+        "bin/bash",
+        "lib64/ld-linux-x86-64.so.2",
+        "usr/local/bin/sbx-agent",
+        "home/user",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+    ] {
+        if !root.join(p).exists() {
+            bail!("image {image}: /{p} missing after stripping");
+        }
+    }
+    // Resolved here: the command below runs with the image's PATH.
+    let chroot = tools::which("chroot").context("chroot not found on PATH")?;
+    for cmd in smoke_commands(image) {
+        exec::run_logged(
+            Command::new(&chroot)
+                .arg("--userspec=1000:1000")
+                .arg(root)
+                .args(["/bin/sh", "-c", cmd])
+                .env_clear()
+                .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                .env("HOME", "/home/user")
+                .env("LANG", "C.UTF-8"),
+            log,
+        )
+        .with_context(|| {
+            format!("image {image}: smoke check `{cmd}` failed in the stripped root")
+        })?;
+    }
+    Ok(())
+}
+
 /// Builds (or finds in the cache) one base image, with the agent at `agent`.
 pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
     let asset = format!("image:{image}");
@@ -391,6 +457,10 @@ pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
     let args = mmdebstrap_args(image, &root, agent, &debs);
     exec::run_logged(Command::new("mmdebstrap").args(&args), &log)?;
     finalize(&root)?;
+    step.done();
+
+    let step = Step::start(&asset, "smoke-check the stripped root (chroot as user)");
+    verify_root(image, &root, &log)?;
     step.done();
 
     let installed = parse_installed(&exec::output(
@@ -553,6 +623,25 @@ qemu-utils:
         assert_eq!(v["bash"], "5.2.15-2+b13");
         assert_eq!(v["nodejs"], "18.20.4+dfsg-1~deb12u3");
         assert_eq!(v["qemu-utils"], "1:7.2+dfsg-7+deb12u16");
+    }
+
+    #[test]
+    fn every_image_has_smoke_checks_for_its_interpreter() {
+        assert!(
+            smoke_commands(Image::Python)
+                .iter()
+                .any(|c| c.contains("python3"))
+        );
+        assert!(
+            smoke_commands(Image::Javascript)
+                .iter()
+                .any(|c| c.contains("node"))
+        );
+        assert!(
+            !smoke_commands(Image::Raw)
+                .iter()
+                .any(|c| c.contains("python3"))
+        );
     }
 
     #[test]

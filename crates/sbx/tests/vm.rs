@@ -1,0 +1,400 @@
+//! End-to-end tests over real microVMs (TCG here).
+//!
+//! They need QEMU and the guest assets, so they are `#[ignore]`d in `cargo test` and run by
+//! `cargo xtask itest` (which builds the assets first). Once opted in, missing assets or
+//! QEMU are failures, never silent passes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sandbox_core::{
+    ErrorKind, ExecRequest, Language, OutputCallbacks, RunOptions, RunRequest, SessionRequest,
+};
+use sbx::{Sbx, SbxConfig};
+
+fn config(warm: usize) -> SbxConfig {
+    let mut cfg = SbxConfig::from_env();
+    cfg.warm_pool_size = warm;
+    cfg.scheduler.warm_pool_size = warm;
+    let assets = sandbox_core::GuestAssets::in_dir(&cfg.assets_dir);
+    for lang in Language::ALL {
+        if let Err(e) = assets.check(lang) {
+            panic!("VM tests opted in but assets are missing ({e}); run `cargo xtask assets`");
+        }
+    }
+    cfg
+}
+
+async fn sbx(warm: usize) -> Sbx {
+    Sbx::start(config(warm)).await.expect("sbx starts")
+}
+
+fn qemu_count() -> usize {
+    let out = Command::new("pgrep")
+        .args(["-c", "-f", "qemu-system-x86_64 -name guest=sbx-"])
+        .output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn vm_dirs(work: &Path) -> usize {
+    std::fs::read_dir(work)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+async fn run(sbx: &Sbx, lang: Language, code: &str) -> sandbox_core::ExecutionResult {
+    sbx.scheduler()
+        .run(RunRequest::new(lang, code), RunOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("run {code:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn run_each_language() {
+    let sbx = sbx(0).await;
+    let r = run(&sbx, Language::Python, "print('hello from a microVM')").await;
+    assert_eq!(r.stdout, "hello from a microVM\n");
+    assert_eq!(r.exit_code, 0);
+    assert!(r.timing.boot_ms > 0 && r.timing.total_ms >= r.timing.execute_ms);
+    let r = run(&sbx, Language::Javascript, "console.log(6*7)").await;
+    assert_eq!(r.stdout, "42\n");
+    let r = run(&sbx, Language::Raw, "echo ok; echo err >&2; exit 3").await;
+    assert_eq!(
+        (r.stdout.as_str(), r.stderr.as_str(), r.exit_code),
+        ("ok\n", "err\n", 3)
+    );
+    sbx.stop().await;
+    assert_eq!(qemu_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn exit_codes_timeouts_and_limits() {
+    let sbx = sbx(0).await;
+    let s = sbx
+        .scheduler()
+        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .await
+        .unwrap();
+    let cb = OutputCallbacks::default();
+    let exec = |code: &str, t: u32| {
+        let mut r = ExecRequest::new(code);
+        r.timeout_secs = t;
+        r
+    };
+    let r = s
+        .exec(exec("import sys; sys.exit(7)", 10), &cb)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 7);
+    let r = s
+        .exec(exec("raise ValueError('bad')", 10), &cb)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 1);
+    assert!(r.stderr.contains("ValueError: bad"), "{}", r.stderr);
+    let r = s.exec(exec("def f(:", 10), &cb).await.unwrap();
+    assert_eq!(r.exit_code, 1);
+    assert!(r.stderr.contains("SyntaxError"), "{}", r.stderr);
+    let started = Instant::now();
+    let r = s
+        .exec(exec("import time\ntime.sleep(30)", 2), &cb)
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, -1);
+    assert!(
+        r.stderr.contains("Execution timeout after 2s"),
+        "{}",
+        r.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let err = s
+        .exec(exec("print('x' * 2_000_000)", 20), &cb)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutputLimit);
+    assert!(!s.is_closed());
+    let r = s
+        .exec(
+            exec(
+                "import os, signal; os.kill(os.getpid(), signal.SIGTERM)",
+                10,
+            ),
+            &cb,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 143);
+    assert!(!s.is_closed(), "a non-KILL signal keeps the session");
+    let r = s.exec(exec("print('still here')", 10), &cb).await.unwrap();
+    assert_eq!(r.stdout, "still here\n");
+    let r = s
+        .exec(
+            exec(
+                "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+                10,
+            ),
+            &cb,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.exit_code, 137);
+    assert!(s.is_closed(), "exit 137 closes the session");
+    sbx.stop().await;
+    assert_eq!(qemu_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn session_state_files_and_streaming() {
+    let sbx = sbx(0).await;
+    let s = sbx
+        .scheduler()
+        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .await
+        .unwrap();
+    let cb = OutputCallbacks::default();
+    s.exec(
+        ExecRequest::new("import math\nx = 41\ndef inc(v): return v + 1"),
+        &cb,
+    )
+    .await
+    .unwrap();
+    let r = s
+        .exec(ExecRequest::new("print(inc(x), math.pi > 3)"), &cb)
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "42 True\n");
+
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    s.write_bytes("in/data.bin", &data, false).await.unwrap();
+    let r = s
+        .exec(
+            ExecRequest::new(
+                "import hashlib\nd = open('in/data.bin','rb').read()\nopen('out.bin','wb').write(d[::-1])\nprint(len(d))",
+            ),
+            &cb,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "3000000\n");
+    let back = s.read_bytes("out.bin").await.unwrap();
+    let mut rev = data.clone();
+    rev.reverse();
+    assert!(back == rev, "downloaded bytes differ");
+    let names: Vec<String> = s
+        .list_files("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec!["in".to_string(), "out.bin".to_string()]);
+    let err = s.read_bytes("../../etc/passwd").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Input);
+
+    // Streaming: the first chunk arrives well before completion.
+    let first = Arc::new(Mutex::new(None::<Instant>));
+    let f = first.clone();
+    let cbs = OutputCallbacks {
+        on_stdout: Some(Arc::new(move |_: &[u8]| {
+            f.lock().unwrap().get_or_insert_with(Instant::now);
+        })),
+        on_stderr: None,
+    };
+    let r = s
+        .exec(
+            ExecRequest::new("import time\nprint('a', flush=True)\ntime.sleep(1.5)\nprint('b')"),
+            &cbs,
+        )
+        .await
+        .unwrap();
+    let done = Instant::now();
+    assert_eq!(r.stdout, "a\nb\n");
+    let first = first.lock().unwrap().expect("a chunk arrived");
+    assert!(done.duration_since(first) > Duration::from_millis(1000));
+    s.close().await;
+    sbx.stop().await;
+    assert_eq!(qemu_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn guest_hardening_seen_from_inside() {
+    let sbx = sbx(0).await;
+    let code = r#"
+id -u; id -g
+touch /usr/x 2>/dev/null && echo rootfs-writable || echo rootfs-ro
+touch /etc/hosts 2>/dev/null && echo etc-writable || echo etc-ro
+ls /proc | grep -c '^[0-9]' >/dev/null; ls -d /proc/1 2>/dev/null && echo pid1-visible || echo pid1-hidden
+for d in /dev/mem /dev/kmem /dev/port /dev/vda; do [ -e $d ] && echo "$d present" || echo "$d absent"; done
+cat /proc/sys/kernel/kptr_restrict /proc/sys/kernel/dmesg_restrict /proc/sys/fs/suid_dumpable
+echo 1 > /proc/sys/kernel/sysrq 2>/dev/null && echo sysctl-writable || echo sysctl-ro
+pwd
+"#;
+    let r = run(&sbx, Language::Raw, code).await;
+    let out = r.stdout;
+    assert!(out.starts_with("1000\n1000\n"), "{out}");
+    for want in [
+        "rootfs-ro",
+        "etc-ro",
+        "pid1-hidden",
+        "/dev/mem absent",
+        "/dev/kmem absent",
+        "/dev/port absent",
+        "/dev/vda absent",
+        "2\n1\n0\n",
+        "sysctl-ro",
+        "/home/user",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    // Zombies are reaped: an orphaned child that exits does not linger.
+    let r = run(
+        &sbx,
+        Language::Raw,
+        "(sleep 0.2 & exec true) ; sleep 1; ps -eo stat | grep -c '^Z' || true",
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "0", "zombies: {}", r.stdout);
+    sbx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn warm_pool_hit() {
+    let sbx = sbx(1).await;
+    assert!(
+        sbx.wait_pool_ready(Duration::from_secs(180)).await,
+        "pool filled"
+    );
+    let r = run(&sbx, Language::Python, "print('warm')").await;
+    assert!(r.warm_pool_hit);
+    assert_eq!(r.timing.boot_ms, 0);
+    assert_eq!(r.stdout, "warm\n");
+    sbx.stop().await;
+    assert_eq!(qemu_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn lifecycle_cycles_leave_nothing_behind() {
+    let cfg = config(0);
+    let work = cfg.work_dir.clone();
+    let sbx = Sbx::start(cfg).await.unwrap();
+    for i in 0..20 {
+        let r = run(&sbx, Language::Raw, &format!("echo {i}")).await;
+        assert_eq!(r.stdout, format!("{i}\n"));
+    }
+    let futs: Vec<_> = (0..4)
+        .map(|i| {
+            let s = sbx.scheduler().clone();
+            tokio::spawn(async move {
+                s.run(
+                    RunRequest::new(Language::Raw, format!("echo c{i}")),
+                    RunOptions::default(),
+                )
+                .await
+            })
+        })
+        .collect();
+    for (i, f) in futs.into_iter().enumerate() {
+        assert_eq!(f.await.unwrap().unwrap().stdout, format!("c{i}\n"));
+    }
+    sbx.stop().await;
+    assert_eq!(qemu_count(), 0, "QEMU processes left");
+    assert_eq!(vm_dirs(&work), 0, "VM work dirs (sockets, overlays) left");
+}
+
+fn sbx_bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sbx"));
+    c.env("SBX_LOG", "error");
+    c
+}
+
+#[test]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+fn cli_exit_statuses_and_json() {
+    config(0);
+    let out = sbx_bin().args(["print('hi')"]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    let out = sbx_bin()
+        .args(["run", "-l", "raw", "--json", "echo out; exit 4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stdout"], "out\n");
+    assert_eq!(v["exit_code"], 4);
+    for k in [
+        "total_ms",
+        "setup_ms",
+        "boot_ms",
+        "execute_ms",
+        "admission_ms",
+    ] {
+        assert!(v["timing"][k].is_u64(), "timing.{k} in {v}");
+    }
+    assert_eq!(v["warm_pool_hit"], false);
+
+    let out = sbx_bin()
+        .args([
+            "run",
+            "-l",
+            "python",
+            "-t",
+            "1",
+            "import time; time.sleep(10)",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(124));
+
+    let out = sbx_bin()
+        .args(["run", "-t", "0", "print(1)"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = sbx_bin()
+        .args(["run", "-e", "LD_PRELOAD=x", "print(1)"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = sbx_bin()
+        .args(["run", "--json", "-l", "raw", "-c", "echo 1", "-c", "echo 2"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
+    assert_eq!(v[1]["index"], 1);
+    assert_eq!(v[1]["stdout"], "2\n");
+
+    let out = sbx_bin()
+        .env("SBX_ASSETS_DIR", "/nonexistent")
+        .args(["print(1)"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cargo xtask assets"));
+    assert_eq!(qemu_count(), 0);
+}

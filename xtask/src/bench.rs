@@ -1,0 +1,370 @@
+//! `cargo xtask bench`: latency, throughput and memory of sbx, each figure beside a
+//! baseline measured in the same run. Prints JSON to stdout and writes
+//! `target/bench/latest.json`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sandbox_core::{
+    ExecRequest, Language, OutputCallbacks, RunOptions, RunRequest, SessionRequest,
+};
+use serde_json::{Value, json};
+
+use crate::assets::{Assets, Image};
+use crate::smoke::{Booter, percentile};
+
+/// How many samples to take.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchSize {
+    /// Cold runs per language.
+    pub cold: usize,
+    /// Warm-pool hits.
+    pub warm: usize,
+    /// Session execs.
+    pub session_execs: usize,
+    /// Runs of the throughput phase.
+    pub throughput_runs: usize,
+    /// Concurrency of the throughput phase.
+    pub concurrency: usize,
+}
+
+impl BenchSize {
+    /// The default size (a few minutes under TCG on 2 cores).
+    pub fn standard() -> Self {
+        Self {
+            cold: 5,
+            warm: 20,
+            session_execs: 200,
+            throughput_runs: 40,
+            concurrency: 4,
+        }
+    }
+
+    /// A quick pass for checking the bench itself.
+    pub fn quick() -> Self {
+        Self {
+            cold: 2,
+            warm: 3,
+            session_execs: 20,
+            throughput_runs: 4,
+            concurrency: 2,
+        }
+    }
+}
+
+fn stats(v: &[u64]) -> Value {
+    json!({
+        "n": v.len(),
+        "p50": percentile(v, 50.0),
+        "p95": percentile(v, 95.0),
+        "max": v.iter().copied().max().unwrap_or(0),
+    })
+}
+
+fn ratio(a: u64, b: u64) -> Value {
+    if b == 0 {
+        Value::Null
+    } else {
+        json!((a as f64 / b as f64 * 100.0).round() / 100.0)
+    }
+}
+
+fn self_rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn qemu_rss_kib() -> Vec<u64> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.filter_map(Result::ok) {
+        let p = e.path();
+        let Ok(cmd) = std::fs::read(p.join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if !(cmd.starts_with("/usr/bin/qemu-system-x86_64") && cmd.contains("guest=sbx-")) {
+            continue;
+        }
+        let kb = std::fs::read_to_string(p.join("status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            });
+        if let Some(kb) = kb {
+            out.push(kb);
+        }
+    }
+    out
+}
+
+fn code_for(lang: Language) -> &'static str {
+    match lang {
+        Language::Python => "print('ok')",
+        Language::Javascript => "console.log('ok')",
+        Language::Raw => "echo ok",
+    }
+}
+
+fn host_python_pass_ms(n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = std::process::Command::new("/usr/bin/python3")
+                .args(["-c", "pass"])
+                .status();
+            t.elapsed().as_millis() as u64
+        })
+        .collect()
+}
+
+/// Runs the whole benchmark.
+pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
+    let mut report = serde_json::Map::new();
+    let host = probes::host_report().await;
+    report.insert(
+        "host".into(),
+        json!({
+            "accelerator": host.accelerator.accelerator.to_string(),
+            "reason": host.accelerator.reason,
+            "qemu": host.qemu.as_ref().map(|q| q.version_line.clone()).ok(),
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        }),
+    );
+
+    // Cold runs per language vs a bare boot of the same kernel+initramfs+image to pong.
+    eprintln!("bench: cold runs");
+    let booter = Booter::new().await?;
+    let mut cfg = sbx::SbxConfig::from_env();
+    cfg.assets_dir = assets.dir.clone();
+    cfg.warm_pool_size = 0;
+    cfg.scheduler.warm_pool_size = 0;
+    let sbx = sbx::Sbx::start(cfg.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut cold = serde_json::Map::new();
+    for (lang, image) in [
+        (Language::Raw, Image::Raw),
+        (Language::Python, Image::Python),
+        (Language::Javascript, Image::Javascript),
+    ] {
+        let path = assets.image(image)?.to_path_buf();
+        let mut bare = Vec::new();
+        let mut runs = Vec::new();
+        let mut setup = Vec::new();
+        let mut teardown = Vec::new();
+        for _ in 0..size.cold {
+            let b = booter.boot(assets, &path, Duration::from_secs(120)).await?;
+            bare.push(b.spawn_to_pong_ms);
+            let t = Instant::now();
+            let r = sbx
+                .scheduler()
+                .run(RunRequest::new(lang, code_for(lang)), RunOptions::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("cold {lang}: {e}"))?;
+            runs.push(t.elapsed().as_millis() as u64);
+            setup.push(r.timing.setup_ms);
+            teardown.push(r.timing.teardown_ms);
+            anyhow::ensure!(
+                r.stdout == "ok\n",
+                "cold {lang}: unexpected output {:?}",
+                r.stdout
+            );
+        }
+        cold.insert(
+            lang.to_string(),
+            json!({
+                "run_ms": stats(&runs),
+                "baseline_bare_boot_to_pong_ms": stats(&bare),
+                "ratio_p50": ratio(percentile(&runs, 50.0), percentile(&bare, 50.0)),
+                "host_setup_ms": stats(&setup),
+                "teardown_ms": stats(&teardown),
+            }),
+        );
+    }
+    report.insert("cold_run".into(), Value::Object(cold));
+
+    // Session exec round trip vs `python3 -c pass` on the host.
+    eprintln!("bench: session execs");
+    let session = sbx
+        .scheduler()
+        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cb = OutputCallbacks::default();
+    let mut rt = Vec::new();
+    let mut guest = Vec::new();
+    let rss_before = self_rss_kib("VmRSS:");
+    for i in 0..size.session_execs {
+        let code = if i % 2 == 0 { "pass" } else { "x = 1" };
+        let t = Instant::now();
+        let r = session
+            .exec(ExecRequest::new(code), &cb)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        rt.push(t.elapsed().as_micros() as u64);
+        guest.push(r.execution_time_ms.unwrap_or(0));
+    }
+    let rss_after = self_rss_kib("VmRSS:");
+    let host_py = host_python_pass_ms(size.cold.max(5));
+    let idle_rss = qemu_rss_kib();
+
+    // File throughput: 10 MB (and 100 MB) write + read.
+    eprintln!("bench: file transfer");
+    let mut files = serde_json::Map::new();
+    for mb in [10usize, 100] {
+        let data: Vec<u8> = (0..mb * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let t = Instant::now();
+        session
+            .write_bytes("bench.bin", &data, false)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let w = t.elapsed();
+        let t = Instant::now();
+        let back = session
+            .read_bytes("bench.bin")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = t.elapsed();
+        anyhow::ensure!(back.len() == data.len(), "read back {} bytes", back.len());
+        files.insert(
+            format!("{mb}MB"),
+            json!({
+                "write_mb_s": (mb as f64 / w.as_secs_f64() * 10.0).round() / 10.0,
+                "read_mb_s": (mb as f64 / r.as_secs_f64() * 10.0).round() / 10.0,
+            }),
+        );
+    }
+    session.close().await;
+    let rt_ms: Vec<u64> = rt.iter().map(|us| us / 1000).collect();
+    report.insert(
+        "session_exec".into(),
+        json!({
+            "round_trip_us": stats(&rt),
+            "round_trip_ms": stats(&rt_ms),
+            "guest_execution_ms": stats(&guest),
+            "baseline_host_python3_c_pass_ms": stats(&host_py),
+            "ratio_p50": ratio(percentile(&rt, 50.0) / 1000, percentile(&host_py, 50.0)),
+            "host_rss_growth_kib": rss_after.saturating_sub(rss_before),
+        }),
+    );
+    report.insert("files".into(), Value::Object(files));
+    report.insert(
+        "idle_vm_qemu_rss_mib".into(),
+        json!(idle_rss.iter().map(|k| k / 1024).collect::<Vec<_>>()),
+    );
+    sbx.stop().await;
+
+    // Warm-pool hits (end to end) vs cold.
+    eprintln!("bench: warm pool");
+    let mut wcfg = cfg.clone();
+    wcfg.warm_pool_size = 1;
+    wcfg.scheduler.warm_pool_size = 1;
+    let warm_sbx = sbx::Sbx::start(wcfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut hits = Vec::new();
+    let mut misses = 0;
+    for _ in 0..size.warm {
+        anyhow::ensure!(
+            warm_sbx.wait_pool_ready(Duration::from_secs(300)).await,
+            "warm pool did not fill"
+        );
+        let t = Instant::now();
+        let r = warm_sbx
+            .scheduler()
+            .run(
+                RunRequest::new(Language::Python, "print('ok')"),
+                RunOptions::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let ms = t.elapsed().as_millis() as u64;
+        if r.warm_pool_hit {
+            hits.push(ms);
+        } else {
+            misses += 1;
+        }
+    }
+    warm_sbx.stop().await;
+    let cold_py = report["cold_run"]["python"]["run_ms"]["p50"]
+        .as_u64()
+        .unwrap_or(0);
+    report.insert(
+        "warm_pool_hit".into(),
+        json!({
+            "run_ms": stats(&hits),
+            "misses": misses,
+            "baseline_cold_python_p50_ms": cold_py,
+            "ratio_p50": ratio(percentile(&hits, 50.0), cold_py),
+        }),
+    );
+
+    // Throughput: N runs at concurrency C.
+    eprintln!("bench: throughput");
+    let sbx = Arc::new(
+        sbx::Sbx::start(cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let sem = Arc::new(tokio::sync::Semaphore::new(size.concurrency));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..size.throughput_runs {
+        let sbx = sbx.clone();
+        let sem = sem.clone();
+        let peak = peak.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await;
+            let r = sbx
+                .scheduler()
+                .run(
+                    RunRequest::new(Language::Raw, "echo ok"),
+                    RunOptions::default(),
+                )
+                .await;
+            let rss: u64 = qemu_rss_kib().iter().sum::<u64>() + self_rss_kib("VmRSS:");
+            peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+            r.is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        if task.await.context("join")? {
+            ok += 1;
+        }
+    }
+    let wall = t.elapsed();
+    sbx.stop().await;
+    report.insert(
+        "throughput".into(),
+        json!({
+            "runs": size.throughput_runs,
+            "ok": ok,
+            "concurrency": size.concurrency,
+            "vms_per_s": (ok as f64 / wall.as_secs_f64() * 100.0).round() / 100.0,
+            "host_peak_rss_mib": peak.load(std::sync::atomic::Ordering::Relaxed) / 1024,
+            "sbx_process_peak_rss_mib": self_rss_kib("VmHWM:") / 1024,
+        }),
+    );
+    report.insert(
+        "leftover_qemu_processes".into(),
+        json!(qemu_rss_kib().len()),
+    );
+    Ok(Value::Object(report))
+}
