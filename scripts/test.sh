@@ -16,3 +16,14 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "cargo test"
 cargo test --workspace --locked
+
+# VM checks under TCG (KVM only where the probe proves a guest runs). The assets are
+# content-keyed in ~/.cache/sbx/assets: unchanged inputs rebuild nothing.
+step "cargo xtask assets"
+cargo xtask assets
+
+step "cargo xtask boot-smoke --image all"
+cargo xtask boot-smoke --image all
+
+step "cargo xtask itest"
+cargo xtask itest

@@ -302,7 +302,8 @@ fn warnings(r: &HostReport, qemu_user: &str) -> Vec<String> {
     if r.qemu_user.is_none() {
         out.push(format!(
             "user {qemu_user} does not exist: QEMU runs as uid {} (the sbx process's user); \
-             create it with `sbx setup` as root",
+             create it (`useradd --system --no-create-home sbx-qemu`) and give it read access \
+             to the assets and the work dir to run QEMU unprivileged",
             r.current_uid
         ));
     }

@@ -90,6 +90,29 @@ pub struct ExecOutcome {
     pub round_trip_ms: u64,
 }
 
+impl ExecOutcome {
+    /// The public result of this outcome.
+    pub fn into_result(
+        self,
+        usage: crate::ports::ResourceUsage,
+        timing: crate::result::TimingBreakdown,
+        warm_pool_hit: bool,
+        exposed_ports: Vec<crate::result::ExposedPort>,
+    ) -> crate::result::ExecutionResult {
+        crate::result::ExecutionResult {
+            stdout: String::from_utf8_lossy(&self.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
+            exit_code: self.exit_code,
+            execution_time_ms: Some(self.execution_ms),
+            cpu_time_ms: usage.cpu_time_ms,
+            memory_peak_mb: usage.memory_peak_bytes.map(|b| b / (1024 * 1024)),
+            timing,
+            warm_pool_hit,
+            exposed_ports,
+        }
+    }
+}
+
 /// Maps a guest error report to the public taxonomy.
 pub fn guest_error(kind: GuestErrorKind, message: String) -> Error {
     match kind {

@@ -240,6 +240,26 @@ impl Scheduler {
         }
     }
 
+    async fn create_vm(
+        &self,
+        language: crate::Language,
+        memory_mb: u32,
+        network: NetworkPolicy,
+        tenant: &Option<String>,
+        opts: &RunOptions,
+    ) -> Result<crate::manager::Vm> {
+        self.inner
+            .manager
+            .create_vm(VmOptions {
+                language,
+                memory_mb,
+                network,
+                tenant: tenant.clone(),
+                boot_log: opts.boot_log.clone(),
+            })
+            .await
+    }
+
     /// Runs `req` in a fresh VM (from the warm pool when eligible) and destroys the VM,
     /// always — also on error and when the returned future is dropped.
     pub async fn run(&self, mut req: RunRequest, opts: RunOptions) -> Result<ExecutionResult> {
@@ -270,15 +290,7 @@ impl Scheduler {
                 let permit = self.admit(req.memory_mb).await?;
                 timing.admission_ms = millis(t.elapsed());
                 let vm = self
-                    .inner
-                    .manager
-                    .create_vm(VmOptions {
-                        language: req.language,
-                        memory_mb: req.memory_mb,
-                        network,
-                        tenant: req.tenant.clone(),
-                        boot_log: opts.boot_log.clone(),
-                    })
+                    .create_vm(req.language, req.memory_mb, network, &req.tenant, &opts)
                     .await?;
                 let b = vm.boot_timings();
                 timing.setup_ms = b.setup_ms + b.slot_ms;
@@ -299,17 +311,7 @@ impl Scheduler {
         let outcome = outcome?;
         timing.execute_ms = outcome.round_trip_ms;
         timing.finish(started.elapsed());
-        Ok(ExecutionResult {
-            stdout: String::from_utf8_lossy(&outcome.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&outcome.stderr).into_owned(),
-            exit_code: outcome.exit_code,
-            execution_time_ms: Some(outcome.execution_ms),
-            cpu_time_ms: usage.cpu_time_ms,
-            memory_peak_mb: usage.memory_peak_bytes.map(|b| b / (1024 * 1024)),
-            timing,
-            warm_pool_hit,
-            exposed_ports,
-        })
+        Ok(outcome.into_result(usage, timing, warm_pool_hit, exposed_ports))
     }
 
     /// Starts a session: a VM kept with its REPL state until closed or idle.
@@ -317,16 +319,9 @@ impl Scheduler {
         self.check_running()?;
         req.validate()?;
         let permit = self.admit(req.memory_mb).await?;
+        let network = NetworkPolicy::from_request(&req.network);
         let vm = self
-            .inner
-            .manager
-            .create_vm(VmOptions {
-                language: req.language,
-                memory_mb: req.memory_mb,
-                network: NetworkPolicy::from_request(&req.network),
-                tenant: req.tenant.clone(),
-                boot_log: opts.boot_log.clone(),
-            })
+            .create_vm(req.language, req.memory_mb, network, &req.tenant, &opts)
             .await?;
         let session = Session::start(
             vm,

@@ -252,17 +252,7 @@ impl Session {
             ..Default::default()
         };
         timing.finish(started.elapsed());
-        let result = ExecutionResult {
-            stdout: String::from_utf8_lossy(&outcome.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&outcome.stderr).into_owned(),
-            exit_code: outcome.exit_code,
-            execution_time_ms: Some(outcome.execution_ms),
-            cpu_time_ms: usage.cpu_time_ms,
-            memory_peak_mb: usage.memory_peak_bytes.map(|b| b / (1024 * 1024)),
-            timing,
-            warm_pool_hit: false,
-            exposed_ports: self.inner.exposed_ports.clone(),
-        };
+        let result = outcome.into_result(usage, timing, false, self.inner.exposed_ports.clone());
         if result.exit_code == SESSION_FATAL_EXIT {
             info!(session = %self.inner.id, "exit code 137: closing the session");
             self.close().await;

@@ -64,6 +64,13 @@ pub struct SbxConfig {
     pub admission: bool,
     /// Scheduler defaults.
     pub scheduler: SchedulerConfig,
+    /// Settings of the network proxy (`None`: the defaults, with the host's resolver).
+    /// Tests set a `netproxy::StaticResolver` and `allow_loopback_upstreams` here.
+    pub network: Option<netproxy::ProxyConfig>,
+    /// Boot deadline per attempt (default: 30 s under TCG, 15 s under KVM).
+    pub boot_timeout: Option<Duration>,
+    /// Boot attempts for transient failures (default 3).
+    pub boot_attempts: Option<u32>,
 }
 
 /// The default assets dir: `$SBX_ASSETS_DIR`, else `~/.cache/sbx/assets`.
@@ -103,6 +110,9 @@ impl SbxConfig {
                 warm_pool_size,
                 ..SchedulerConfig::default()
             },
+            network: None,
+            boot_timeout: None,
+            boot_attempts: None,
         }
     }
 }
@@ -201,7 +211,7 @@ impl Sbx {
             cgroupv2::CgroupLimiter::new(cgroupv2::CgroupConfig::default()).map_err(Error::from)?;
         let limit_mode = format!("{:?}: {}", limiter.mode(), limiter.reason());
         let channel = qemu_cmd::SerialGuestChannel::new(qemu.qemu_uid());
-        let network: Option<Arc<dyn NetworkProxy>> = netproxy_adapter();
+        let network: Option<Arc<dyn NetworkProxy>> = netproxy_adapter(cfg.network.clone());
         let accelerator = report.accelerator();
         let ports = Ports {
             hypervisor: Arc::new(qemu),
@@ -212,6 +222,12 @@ impl Sbx {
         };
         let mut vm_cfg = VmManagerConfig::new(assets, cfg.work_dir.clone(), accelerator);
         vm_cfg.max_vms = cfg.max_vms;
+        if let Some(t) = cfg.boot_timeout {
+            vm_cfg.boot_timeout = t;
+        }
+        if let Some(n) = cfg.boot_attempts {
+            vm_cfg.boot_attempts = n;
+        }
         let manager = VmManager::new(vm_cfg, ports);
         let mut sched_cfg = cfg.scheduler.clone();
         if cfg.admission {
@@ -258,8 +274,10 @@ impl Sbx {
 }
 
 /// The network proxy adapter: a userspace gateway per VM inside this process.
-fn netproxy_adapter() -> Option<Arc<dyn NetworkProxy>> {
-    Some(Arc::new(netproxy::NetProxy::default()))
+fn netproxy_adapter(config: Option<netproxy::ProxyConfig>) -> Option<Arc<dyn NetworkProxy>> {
+    Some(Arc::new(netproxy::NetProxy::new(
+        config.unwrap_or_default(),
+    )))
 }
 
 /// Parses a language name (case-insensitive) or detects it from a file name.

@@ -398,3 +398,109 @@ fn cli_exit_statuses_and_json() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cargo xtask assets"));
     assert_eq!(qemu_count(), 0);
 }
+
+fn qemu_pids() -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", "qemu-system-x86_64 -name guest=sbx-"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn qemu_killed_mid_boot_is_retried() {
+    let sbx = sbx(0).await;
+    // Kill QEMU as soon as the guest prints its first console line.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let killer = tokio::spawn(async move {
+        if rx.recv().await.is_some() {
+            for pid in qemu_pids() {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+        while rx.recv().await.is_some() {}
+    });
+    let r = sbx
+        .scheduler()
+        .run(
+            RunRequest::new(Language::Raw, "echo survived"),
+            RunOptions {
+                callbacks: OutputCallbacks::default(),
+                boot_log: Some(tx),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "survived\n");
+    assert!(r.timing.boot_retries >= 1, "{:?}", r.timing);
+    killer.abort();
+    sbx.stop().await;
+    assert_eq!(qemu_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn guest_that_never_answers_times_out_within_the_bound() {
+    let mut cfg = config(0);
+    // Far shorter than any boot under TCG: the agent cannot answer in time.
+    cfg.boot_timeout = Some(Duration::from_millis(300));
+    cfg.boot_attempts = Some(2);
+    let work = cfg.work_dir.clone();
+    let sbx = Sbx::start(cfg).await.unwrap();
+    let started = Instant::now();
+    let err = sbx
+        .scheduler()
+        .run(
+            RunRequest::new(Language::Raw, "echo x"),
+            RunOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Transient(sandbox_core::TransientCause::BootTimeout),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    sbx.stop().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(qemu_count(), 0);
+    assert_eq!(vm_dirs(&work), 0);
+}
+
+#[test]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+fn host_killed_with_sigkill_takes_its_qemus_along() {
+    config(0);
+    let mut child = sbx_bin()
+        .args(["run", "-q", "-l", "raw", "-t", "120", "sleep 100"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qemu_count() == 0 {
+        assert!(Instant::now() < deadline, "no QEMU started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qemu_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU outlived its SIGKILLed parent"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
