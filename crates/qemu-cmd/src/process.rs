@@ -429,6 +429,30 @@ impl QemuProcess {
 
     /// SIGTERM to the process group, SIGKILL after `grace`. Idempotent.
     pub async fn terminate(&self, grace: Duration) -> Result<ExitInfo, QemuError> {
+        let info = self.terminate_spawned(grace).await?;
+        // Under the `unshare` wrapper the spawned process is the wrapper; QEMU (pid 1 of
+        // its namespace) dies right after it. Return only once QEMU itself is gone, so the
+        // caller can remove the work dir without racing it.
+        if self.pid != self.pgid {
+            let deadline = tokio::time::Instant::now() + KILL_WAIT;
+            while pid_alive(self.pid) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(QemuError::KillTimeout {
+                        pid: self.pid,
+                        after: KILL_WAIT,
+                    });
+                }
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.pid as i32),
+                    Signal::SIGKILL,
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        Ok(info)
+    }
+
+    async fn terminate_spawned(&self, grace: Duration) -> Result<ExitInfo, QemuError> {
         if let Some(info) = self.exit_status() {
             return Ok(info);
         }
@@ -541,6 +565,17 @@ impl VmProcess for QemuProcess {
 
     fn console_tail(&self) -> String {
         self.console_text()
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::Language;
-use crate::error::{Error, PermanentCause, Result, TransientCause};
+use crate::error::{Error, ErrorKind, PermanentCause, Result, TransientCause};
 use crate::ports::{
     Accelerator, AgentInfo, ConsoleSpec, GuestChannel, GuestConnection, Hypervisor, LimitHandle,
     NetworkHandle, NetworkPolicy, NetworkProxy, Overlay, OverlayStore, ResourceLimiter,
@@ -310,11 +310,15 @@ impl Teardown {
             warn!(vm_id = %vm, error = %e, "releasing the overlay failed");
         }
         if let Some(dir) = self.work_dir.take() {
-            match tokio::fs::remove_dir_all(&dir).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    warn!(vm_id = %vm, dir = %dir.display(), error = %e, "removing the work dir failed")
+            // A dying VM process may still close files in it: retry briefly.
+            for attempt in 0..5u32 {
+                match tokio::fs::remove_dir_all(&dir).await {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if attempt == 4 => {
+                        warn!(vm_id = %vm, dir = %dir.display(), error = %e, "removing the work dir failed");
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
         }
@@ -771,7 +775,24 @@ impl VmManager {
             )),
             r = tokio::time::timeout(cfg.boot_timeout, connect) => match r {
                 Ok(Ok(pair)) => Ok(pair),
-                Ok(Err(e)) => Err(e),
+                // Nothing was dispatched yet: a channel failure during boot is a boot
+                // failure (transient), unless the adapter says it is permanent.
+                Ok(Err(e)) if matches!(e.kind(), ErrorKind::Permanent(_)) => Err(e),
+                Ok(Err(e)) => {
+                    let cause = if process.try_exit().is_some() {
+                        TransientCause::QemuCrash
+                    } else {
+                        TransientCause::BootTimeout
+                    };
+                    Err(Error::transient(
+                        cause,
+                        format!(
+                            "the guest agent channel failed during boot: {}; console: {}",
+                            e.message(),
+                            tail_or_none(&process.console_tail()),
+                        ),
+                    ))
+                }
                 Err(_) => Err(Error::transient(
                     TransientCause::BootTimeout,
                     format!(

@@ -16,8 +16,22 @@ use sandbox_core::{
 };
 use sbx::{Sbx, SbxConfig};
 
+/// This test binary's own work dir, so concurrent VM users on the machine (other test
+/// binaries, a running `sbx`) do not disturb the leak checks.
+fn work_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| std::path::PathBuf::from(format!("/tmp/sbx-vt-{}", std::process::id())))
+}
+
 fn config(warm: usize) -> SbxConfig {
+    if let Ok(filter) = std::env::var("SBX_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let mut cfg = SbxConfig::from_env();
+    cfg.work_dir = work_dir().to_path_buf();
     cfg.warm_pool_size = warm;
     cfg.scheduler.warm_pool_size = warm;
     let assets = sandbox_core::GuestAssets::in_dir(&cfg.assets_dir);
@@ -33,14 +47,39 @@ async fn sbx(warm: usize) -> Sbx {
     Sbx::start(config(warm)).await.expect("sbx starts")
 }
 
+/// QEMU processes (not their `unshare` wrappers) of this test binary's VMs.
+fn qemu_pids() -> Vec<u32> {
+    let needle = work_dir().to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.starts_with("/usr/bin/qemu-system-x86_64") && cmd.contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 fn qemu_count() -> usize {
-    let out = Command::new("pgrep")
-        .args(["-c", "-f", "qemu-system-x86_64 -name guest=sbx-"])
-        .output();
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+    qemu_pids().len()
+}
+
+/// Waits (bounded) until no sbx QEMU runs; returns how many are left.
+fn wait_no_qemu() -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = qemu_count();
+        if n == 0 || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn vm_dirs(work: &Path) -> usize {
@@ -76,7 +115,7 @@ async fn run_each_language() {
         ("ok\n", "err\n", 3)
     );
     sbx.stop().await;
-    assert_eq!(qemu_count(), 0);
+    assert_eq!(wait_no_qemu(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +192,7 @@ async fn exit_codes_timeouts_and_limits() {
     assert_eq!(r.exit_code, 137);
     assert!(s.is_closed(), "exit 137 closes the session");
     sbx.stop().await;
-    assert_eq!(qemu_count(), 0);
+    assert_eq!(wait_no_qemu(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +239,7 @@ async fn session_state_files_and_streaming() {
         .unwrap()
         .into_iter()
         .map(|e| e.name)
+        .filter(|n| !n.starts_with('.'))
         .collect();
     assert_eq!(names, vec!["in".to_string(), "out.bin".to_string()]);
     let err = s.read_bytes("../../etc/passwd").await.unwrap_err();
@@ -227,7 +267,7 @@ async fn session_state_files_and_streaming() {
     assert!(done.duration_since(first) > Duration::from_millis(1000));
     s.close().await;
     sbx.stop().await;
-    assert_eq!(qemu_count(), 0);
+    assert_eq!(wait_no_qemu(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,7 +325,7 @@ async fn warm_pool_hit() {
     assert_eq!(r.timing.boot_ms, 0);
     assert_eq!(r.stdout, "warm\n");
     sbx.stop().await;
-    assert_eq!(qemu_count(), 0);
+    assert_eq!(wait_no_qemu(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,13 +354,13 @@ async fn lifecycle_cycles_leave_nothing_behind() {
         assert_eq!(f.await.unwrap().unwrap().stdout, format!("c{i}\n"));
     }
     sbx.stop().await;
-    assert_eq!(qemu_count(), 0, "QEMU processes left");
+    assert_eq!(wait_no_qemu(), 0, "QEMU processes left");
     assert_eq!(vm_dirs(&work), 0, "VM work dirs (sockets, overlays) left");
 }
 
 fn sbx_bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sbx"));
-    c.env("SBX_LOG", "error");
+    c.env("SBX_LOG", "error").env("SBX_WORK_DIR", work_dir());
     c
 }
 
@@ -396,18 +436,7 @@ fn cli_exit_statuses_and_json() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cargo xtask assets"));
-    assert_eq!(qemu_count(), 0);
-}
-
-fn qemu_pids() -> Vec<u32> {
-    let out = Command::new("pgrep")
-        .args(["-f", "qemu-system-x86_64 -name guest=sbx-"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    assert_eq!(wait_no_qemu(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,7 +468,7 @@ async fn qemu_killed_mid_boot_is_retried() {
     assert!(r.timing.boot_retries >= 1, "{:?}", r.timing);
     killer.abort();
     sbx.stop().await;
-    assert_eq!(qemu_count(), 0);
+    assert_eq!(wait_no_qemu(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,8 +501,7 @@ async fn guest_that_never_answers_times_out_within_the_bound() {
         started.elapsed()
     );
     sbx.stop().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(qemu_count(), 0);
+    assert_eq!(wait_no_qemu(), 0);
     assert_eq!(vm_dirs(&work), 0);
 }
 
