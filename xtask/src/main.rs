@@ -57,6 +57,9 @@ enum Cmd {
     },
 }
 
+/// The test binaries of the `sbx` crate that boot real VMs.
+const VM_TEST_BINARIES: &[&str] = &["vm", "vm_serve"];
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -92,18 +95,9 @@ fn main() -> anyhow::Result<()> {
                 found.image(image)?;
             }
             let status = std::process::Command::new(env!("CARGO"))
-                .args([
-                    "test",
-                    "--locked",
-                    "-p",
-                    "sbx",
-                    "--test",
-                    "vm",
-                    "--",
-                    "--ignored",
-                    "--test-threads",
-                    "1",
-                ])
+                .args(["test", "--locked", "-p", "sbx"])
+                .args(VM_TEST_BINARIES.iter().flat_map(|t| ["--test", t]))
+                .args(["--", "--ignored", "--test-threads", "1"])
                 .args(&args)
                 .env("SBX_ASSETS_DIR", &found.dir)
                 .status()?;

@@ -14,72 +14,13 @@ use std::time::{Duration, Instant};
 use sandbox_core::{
     ErrorKind, ExecRequest, Language, OutputCallbacks, RunOptions, RunRequest, SessionRequest,
 };
-use sbx::{Sbx, SbxConfig};
+use sbx::Sbx;
 
-/// This test binary's own work dir, so concurrent VM users on the machine (other test
-/// binaries, a running `sbx`) do not disturb the leak checks.
-fn work_dir() -> &'static Path {
-    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| std::path::PathBuf::from(format!("/tmp/sbx-vt-{}", std::process::id())))
-}
-
-fn config(warm: usize) -> SbxConfig {
-    if let Ok(filter) = std::env::var("SBX_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
-    let mut cfg = SbxConfig::from_env();
-    cfg.work_dir = work_dir().to_path_buf();
-    cfg.warm_pool_size = warm;
-    cfg.scheduler.warm_pool_size = warm;
-    let assets = sandbox_core::GuestAssets::in_dir(&cfg.assets_dir);
-    for lang in Language::ALL {
-        if let Err(e) = assets.check(lang) {
-            panic!("VM tests opted in but assets are missing ({e}); run `cargo xtask assets`");
-        }
-    }
-    cfg
-}
+mod common;
+use common::{config, qemu_count, qemu_pids, wait_no_qemu, work_dir};
 
 async fn sbx(warm: usize) -> Sbx {
     Sbx::start(config(warm)).await.expect("sbx starts")
-}
-
-/// QEMU processes (not their `unshare` wrappers) of this test binary's VMs.
-fn qemu_pids() -> Vec<u32> {
-    let needle = work_dir().to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.starts_with("/usr/bin/qemu-system-x86_64") && cmd.contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn qemu_count() -> usize {
-    qemu_pids().len()
-}
-
-/// Waits (bounded) until no sbx QEMU runs; returns how many are left.
-fn wait_no_qemu() -> usize {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = qemu_count();
-        if n == 0 || Instant::now() > deadline {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn vm_dirs(work: &Path) -> usize {
