@@ -12,11 +12,14 @@
 //!    `/home/user` (40 %, owned by 1000:1000), all nosuid,nodev, with per-user quota where
 //!    the kernel supports it; `devpts`;
 //! 4. `/dev` clean-up (no block devices, no `/dev/mem|kmem|port`), sysctls, loopback up,
-//!    read-only binds over `/proc/sys` and `/proc/sysrq-trigger`, then `/dev` read-only;
+//!    `eth0`, default route and `/run/resolv.conf` when the kernel command line carries
+//!    `sbx.net=` ([`crate::net`]), read-only binds over `/proc/sys` and
+//!    `/proc/sysrq-trigger`, then `/dev` read-only;
 //! 5. the reaper thread, the CRNG reseed, and the time from kernel start to here, which
 //!    `Pong` reports as `boot_ms`.
 //!
-//! The root image is read-only (so are `/etc/hosts` and `/etc/resolv.conf` on it).
+//! The root image is read-only (so is `/etc/hosts`; `/etc/resolv.conf` links to
+//! `/run/resolv.conf`, on a tmpfs the network setup mounts).
 #![allow(unsafe_code)]
 
 use std::fs;
@@ -208,6 +211,7 @@ pub fn boot() -> AgentConfig {
     if let Err(err) = hardening::loopback_up() {
         warn!(%err, "loopback");
     }
+    crate::net::boot();
     for path in ["/proc/sys", "/proc/sysrq-trigger"] {
         if let Err(err) = hardening::readonly_bind(Path::new(path)) {
             warn!(path, err = %err.desc(), "read-only bind");

@@ -16,13 +16,14 @@
 //! - [`packages`]: pip/npm installs into a user-writable prefix.
 //! - [`server`]: one host connection: frame dispatch, concurrency by op id, cancellation.
 //! - [`transport`]: unix socket, stdio and virtio-serial listeners.
-//! - [`init`] and [`hardening`]: PID 1 duties, only ever run inside the VM.
+//! - [`init`], [`hardening`] and [`net`]: PID 1 duties, only ever run inside the VM.
 
 pub mod config;
 pub mod engine;
 pub mod files;
 pub mod hardening;
 pub mod init;
+pub mod net;
 pub mod packages;
 pub mod process;
 pub mod repl;

@@ -130,8 +130,22 @@ pub fn guest_error(kind: GuestErrorKind, message: String) -> Error {
 }
 
 fn lost(vm: &Vm, op: &str) -> Error {
+    let exit = if vm.is_alive() {
+        String::new()
+    } else {
+        " (the VM is gone)".to_owned()
+    };
+    let console = vm.console_tail();
+    let console: Vec<&str> = console.lines().rev().take(8).collect();
+    let console: Vec<&str> = console.into_iter().rev().collect();
     Error::outcome_unknown(format!(
-        "lost the connection to the guest during {op}; the operation may have run"
+        "lost the connection to the guest during {op}{exit}; the operation may have run; \
+         console: {}",
+        if console.is_empty() {
+            "(empty)".to_owned()
+        } else {
+            console.join(" | ")
+        }
     ))
     .with_vm(vm.id())
     .with_operation(op.to_owned())
