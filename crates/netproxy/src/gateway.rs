@@ -99,11 +99,25 @@ impl VmCtx {
         tracing::info!(vm_id = %self.vm_id, proto = kind, dst = %dst, name, "network: allowed");
     }
 
-    /// The decision on a guest SYN to `dst` (not the gateway).
+    /// Where the host connects for a guest connection to `dst`: `dst` itself, or its
+    /// [`ProxyConfig::upstream_aliases`] target (tests).
+    pub(crate) fn upstream(&self, dst: SocketAddrV4) -> SocketAddrV4 {
+        match self.config.upstream_aliases.get(dst.ip()) {
+            Some(real) => SocketAddrV4::new(*real, dst.port()),
+            None => dst,
+        }
+    }
+
+    /// The decision on a guest SYN to `dst` (not the gateway). Policy checks use the
+    /// guest-visible `dst`; the host-address rules apply to it and to the real upstream.
     pub(crate) fn check_syn(&self, dst: SocketAddrV4) -> Result<Plan, DenyReason> {
         match &self.mode {
             Mode::PortsOnly => Err(DenyReason::PortsOnly),
-            _ if self.host.forbidden(*dst.ip()) => Err(DenyReason::HostAddress),
+            _ if self.host.forbidden(*dst.ip())
+                || self.host.forbidden(*self.upstream(dst).ip()) =>
+            {
+                Err(DenyReason::HostAddress)
+            }
             Mode::Open => Ok(Plan::Direct),
             Mode::Allowlist(_) => {
                 if self.cache().names_for(*dst.ip()).is_empty() {
@@ -366,20 +380,23 @@ async fn outbound(ctx: Arc<VmCtx>, mut app: AppEnd, dst: SocketAddrV4, plan: Pla
     } else {
         ctx.allow_flow("tcp", dst, None);
     }
-    let connected = tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(dst)).await;
+    // Policy was decided on the guest-visible `dst`; only the connect uses the alias.
+    let upstream = ctx.upstream(dst);
+    let connected =
+        tokio::time::timeout(ctx.config.connect_timeout, TcpStream::connect(upstream)).await;
     let stream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             ctx.stats.fail("upstream_connect");
-            tracing::info!(vm_id = %ctx.vm_id, dst = %dst, name = name.as_deref(), error = %e,
-                "network: upstream connect failed");
+            tracing::info!(vm_id = %ctx.vm_id, dst = %dst, upstream = %upstream,
+                name = name.as_deref(), error = %e, "network: upstream connect failed");
             app.send(ToStack::Abort).await;
             return;
         }
         Err(_) => {
             ctx.stats.fail("upstream_connect");
-            tracing::info!(vm_id = %ctx.vm_id, dst = %dst, name = name.as_deref(),
-                "network: upstream connect timed out");
+            tracing::info!(vm_id = %ctx.vm_id, dst = %dst, upstream = %upstream,
+                name = name.as_deref(), "network: upstream connect timed out");
             app.send(ToStack::Abort).await;
             return;
         }

@@ -126,6 +126,18 @@ pub struct ProxyConfig {
     /// so tests can run their upstream servers there. Never set it in production: it
     /// opens every loopback service of the host to any allowed (or, in open mode, any) name.
     pub allow_loopback_upstreams: bool,
+    /// **Tests only.** Guest-visible stand-in address → real upstream address (default:
+    /// empty, which is the production behaviour). A loopback upstream such as `127.0.0.1`
+    /// cannot be handed to a guest as is: inside the VM it is the guest's own loopback. A
+    /// test instead makes its resolver (e.g. a [`StaticResolver`]) answer a routable
+    /// stand-in such as `198.18.0.1` and maps it here to `127.0.0.1`.
+    ///
+    /// Everything the guest sees and every policy check keeps the stand-in: the DNS answer,
+    /// the remembered name → address table, the "only addresses DNS returned" rule and the
+    /// SNI "name resolved to this destination" rule. Only the host-side connect goes to the
+    /// real address, and both addresses must pass the host-address rules (so a loopback
+    /// target still needs [`ProxyConfig::allow_loopback_upstreams`]).
+    pub upstream_aliases: HashMap<Ipv4Addr, Ipv4Addr>,
     /// Concurrent TCP connections per VM; further SYNs get a RST.
     pub max_connections: usize,
     /// Limit on connecting to an upstream.
@@ -146,6 +158,7 @@ impl Default for ProxyConfig {
             dns_ttl: Duration::from_secs(60),
             dns_remember: Duration::from_secs(3600),
             allow_loopback_upstreams: false,
+            upstream_aliases: HashMap::new(),
             max_connections: 256,
             connect_timeout: Duration::from_secs(10),
             sni_timeout: Duration::from_secs(10),

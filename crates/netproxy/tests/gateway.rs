@@ -246,6 +246,82 @@ async fn tls_refusals() {
     assert_eq!(count.load(Ordering::SeqCst), 0, "no upstream connection");
 }
 
+/// A guest-visible stand-in for the loopback upstream (`upstream_aliases`, tests only).
+const ALIAS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+fn aliased_config(tls_port: u16, allow_loopback: bool) -> ProxyConfig {
+    ProxyConfig {
+        resolver: Arc::new(
+            resolver()
+                .with("alias.example.com", &[ALIAS])
+                .with("evil.org", &[ALIAS]),
+        ),
+        upstream_aliases: [(ALIAS, LO)].into_iter().collect(),
+        allow_loopback_upstreams: allow_loopback,
+        ..config(tls_port)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_alias_keeps_policy_on_the_guest_visible_address() {
+    let (port, count) = echo_server().await;
+    let vm = start(aliased_config(port, true), allowlist(vec![])).await;
+    let g = &vm.guest;
+    // Never resolved: the stand-in is refused like any other address.
+    assert_eq!(
+        g.tcp_connect(SocketAddrV4::new(ALIAS, port))
+            .await
+            .unwrap_err()
+            .kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    assert_eq!(vm.stats().denied(DenyReason::UnresolvedAddress), 1);
+    // The guest sees the stand-in, never the real address.
+    let a = g.resolve("alias.example.com").await.unwrap();
+    assert_eq!((a.rcode, a.addrs.clone()), (0, vec![ALIAS]));
+    assert_eq!(g.resolve("evil.org").await.unwrap().rcode, NXDOMAIN);
+    // TLS with the name that resolved to the stand-in reaches the real upstream.
+    let s = g.tcp_connect(SocketAddrV4::new(ALIAS, port)).await.unwrap();
+    let mut payload = build_client_hello(Some("alias.example.com"));
+    payload.extend_from_slice(&[9u8; 5000]);
+    assert_eq!(exchange(s, &payload).await, payload);
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    assert_eq!(vm.stats().allowed("tls"), 1);
+    // The SNI check compares with the stand-in: a name that resolved elsewhere (even to
+    // the alias's real address) or is not allowed is refused.
+    g.resolve("example.com").await.unwrap();
+    for (sni, reason) in [
+        ("example.com", DenyReason::SniAddressMismatch),
+        ("evil.org", DenyReason::SniNotAllowed),
+    ] {
+        let s = g.tcp_connect(SocketAddrV4::new(ALIAS, port)).await.unwrap();
+        assert!(
+            exchange(s, &build_client_hello(Some(sni))).await.is_empty(),
+            "{sni}"
+        );
+        assert_eq!(vm.stats().denied(reason), 1, "{sni}");
+    }
+    // Plain HTTP to the allowed name is still refused.
+    assert!(g.tcp_connect(SocketAddrV4::new(ALIAS, 80)).await.is_err());
+    assert_eq!(vm.stats().denied(DenyReason::PortNotAllowed), 1);
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+
+    // Without `allow_loopback_upstreams` the alias's loopback target is a host address.
+    for policy in [allowlist(vec![]), NetworkPolicy::Open { ports: vec![] }] {
+        let vm = start(aliased_config(port, false), policy).await;
+        let a = vm.guest.resolve("alias.example.com").await.unwrap();
+        assert_eq!(a.addrs, vec![ALIAS]);
+        assert!(
+            vm.guest
+                .tcp_connect(SocketAddrV4::new(ALIAS, port))
+                .await
+                .is_err()
+        );
+        assert_eq!(vm.stats().denied(DenyReason::HostAddress), 1);
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_needs_a_resolved_address_and_an_allowed_port() {
     let (port, count) = echo_server().await;
