@@ -4,7 +4,7 @@
 //!   content-keyed cache, and [`assets::locate`] them for commands that boot VMs.
 //! - [`smoke`]: boot each image, ping the agent, power off (`cargo xtask boot-smoke`).
 //! - [`baseline`]: Debian's cloud kernel booting a trivial initramfs, the boot baseline.
-//! - [`bench`]: latency, throughput and memory figures (`cargo xtask bench`).
+//! - [`bench`](mod@bench): latency, throughput and memory figures (`cargo xtask bench`).
 
 pub mod assets;
 pub mod baseline;

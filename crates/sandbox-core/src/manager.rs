@@ -5,7 +5,7 @@
 //! launches the hypervisor and waits for the guest by racing "the VM process exited" against
 //! "the agent answered the handshake". Transient boot failures are retried with jittered
 //! exponential backoff; permanent ones are not. Every resource acquired on the way is owned
-//! by a [`Teardown`] guard, so an error, a cancelled future or a dropped [`Vm`] still
+//! by a teardown guard, so an error, a cancelled future or a dropped [`Vm`] still
 //! releases everything exactly once.
 
 use std::collections::{BTreeMap, HashMap};
