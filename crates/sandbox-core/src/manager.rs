@@ -544,6 +544,10 @@ pub fn backoff_delay(base: Duration, max: Duration, attempt: u32) -> Duration {
 impl VmManager {
     /// A manager over `ports`.
     pub fn new(cfg: VmManagerConfig, ports: Ports) -> Self {
+        let reaped = reap_stale_work_dirs(&cfg.work_root);
+        if reaped > 0 {
+            warn!(reaped, root = %cfg.work_root.display(), "removed work dirs of VMs whose host process died");
+        }
         let slots = Arc::new(Semaphore::new(cfg.max_vms.max(1)));
         Self {
             cfg: Arc::new(cfg),
@@ -674,7 +678,9 @@ impl VmManager {
         let setup_started = Instant::now();
         let mut teardown = Teardown::new(vm_id, self.ports.clone(), cfg.kill_grace);
 
-        let work_dir = cfg.work_root.join(format!("vm-{}", vm_id.short()));
+        let work_dir = cfg
+            .work_root
+            .join(format!("vm-{}-{}", std::process::id(), vm_id.short()));
         create_private_dir(&work_dir).await.map_err(|e| {
             Error::transient(
                 TransientCause::Infrastructure,
@@ -831,6 +837,31 @@ struct Booted {
     exposed_ports: Vec<ExposedPort>,
     agent: AgentInfo,
     teardown: Teardown,
+}
+
+/// Removes `vm-<pid>-*` work dirs under `root` whose owning process is gone (a host
+/// program that was SIGKILLed cannot clean up; its QEMUs died with it). Returns how many.
+pub fn reap_stale_work_dirs(root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for entry in entries.filter_map(std::result::Result::ok) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(pid) = name
+            .strip_prefix("vm-")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && std::fs::remove_dir_all(entry.path()).is_ok() {
+            reaped += 1;
+        }
+    }
+    reaped
 }
 
 fn tail_or_none(s: &str) -> String {

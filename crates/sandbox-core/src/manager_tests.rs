@@ -530,3 +530,19 @@ async fn files_round_trip_with_digest_checks() {
     assert_eq!(err.kind(), ErrorKind::Input);
     vm.destroy().await;
 }
+
+#[test]
+fn stale_work_dirs_of_dead_processes_are_reaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mine = dir
+        .path()
+        .join(format!("vm-{}-aaaaaaaaaaaa", std::process::id()));
+    // pid_max is at most 2^22 on Linux: this pid cannot exist.
+    let dead = dir.path().join("vm-4194305-bbbbbbbbbbbb");
+    let other = dir.path().join("sbx-overlay-pool-1");
+    for d in [&mine, &dead, &other] {
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+    }
+    assert_eq!(crate::manager::reap_stale_work_dirs(dir.path()), 1);
+    assert!(mine.exists() && other.exists() && !dead.exists());
+}
