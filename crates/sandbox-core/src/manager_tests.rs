@@ -226,26 +226,30 @@ async fn create_and_destroy_releases_everything_once() {
 async fn transient_boot_failures_are_retried() {
     let h = harness(
         vec![Launch::Crash, Launch::Ok],
-        vec![
-            ConnectBehavior::Hang,
-            ConnectBehavior::Fail,
-            ConnectBehavior::Ok,
-        ],
+        vec![ConnectBehavior::Fail],
         false,
         false,
         4,
     );
-    // Attempt 1: QEMU crashes; attempt 2: agent refuses; attempt 3: boots.
+    // Attempt 1: QEMU crashes. The refusing agent is met in attempt 1 (if the race polls
+    // the connect before seeing the exit) or in attempt 2; the next attempt boots.
     let vm = h
         .manager
         .create_vm(VmOptions::new(Language::Raw))
         .await
         .unwrap();
-    assert_eq!(vm.boot_timings().retries, 2);
-    assert_eq!(h.counts.launches.load(Ordering::SeqCst), 3);
+    let retries = vm.boot_timings().retries;
+    assert!((1..=2).contains(&retries), "{retries}");
+    assert_eq!(
+        h.counts.launches.load(Ordering::SeqCst),
+        retries as usize + 1
+    );
     // The failed attempts were cleaned up already.
     settle().await;
-    assert_eq!(h.counts.overlays_released.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        h.counts.overlays_released.load(Ordering::SeqCst),
+        retries as usize
+    );
     assert_eq!(work_dirs(&h), 1);
     vm.destroy().await;
     assert_all_released(&h);
