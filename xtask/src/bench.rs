@@ -200,9 +200,12 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
 
     // Session exec round trip vs `python3 -c pass` on the host.
     eprintln!("bench: session execs");
+    // 512 MB: /home/user is a tmpfs of 40 % of guest RAM and must hold the 100 MB file.
+    let mut sreq = SessionRequest::new(Language::Python);
+    sreq.memory_mb = 512;
     let session = sbx
         .scheduler()
-        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .session(sreq, RunOptions::default())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cb = OutputCallbacks::default();
