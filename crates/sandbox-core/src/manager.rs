@@ -610,13 +610,19 @@ impl VmManager {
         loop {
             let vm_id = VmId::new();
             let span = info_span!("create_vm", vm_id = %vm_id, language = %opts.language, attempt);
+            // Owns what the attempt acquires: released before the next attempt or the error
+            // is returned, and from Drop if this future is cancelled.
+            let mut teardown = Teardown::new(vm_id, self.ports.clone(), self.cfg.kill_grace);
             // Boxed: the boot future is large and retries would otherwise grow the stack.
-            match Box::pin(
-                self.boot_once(vm_id, &opts, &tenant, &base, &mut timings)
+            let outcome = Box::pin(
+                self.boot_once(vm_id, &opts, &tenant, &base, &mut timings, &mut teardown)
                     .instrument(span),
             )
-            .await
-            {
+            .await;
+            if outcome.is_err() {
+                teardown.take().run().await;
+            }
+            match outcome {
                 Ok(mut booted) => {
                     timings.total_ms = millis(started.elapsed());
                     booted.teardown.slot = Some(slot);
@@ -673,10 +679,10 @@ impl VmManager {
         tenant: &str,
         base: &Path,
         timings: &mut BootTimings,
+        teardown: &mut Teardown,
     ) -> Result<Booted> {
         let cfg = &self.cfg;
         let setup_started = Instant::now();
-        let mut teardown = Teardown::new(vm_id, self.ports.clone(), cfg.kill_grace);
 
         let work_dir = cfg
             .work_root
