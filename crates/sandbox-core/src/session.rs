@@ -23,7 +23,7 @@ use tokio::time::Instant as TokioInstant;
 
 use guest_proto::DirEntry;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use tokio::sync::{MappedMutexGuard, MutexGuard, Notify};
 use tracing::{debug, info};
 
 use crate::Language;
@@ -190,24 +190,23 @@ impl Session {
     }
 
     /// Takes the operation lock and checks the VM is alive; a dead VM closes the session.
-    async fn guard(&self) -> Result<(tokio::sync::MutexGuard<'_, Option<Vm>>, Activity<'_>)> {
+    async fn guard(&self) -> Result<(MappedMutexGuard<'_, Vm>, Activity<'_>)> {
         if self.is_closed() {
             return Err(self.closed_error());
         }
         let activity = Activity::start(&self.inner);
-        let guard = self.inner.vm.lock().await;
-        let Some(vm) = guard.as_ref() else {
+        let Ok(vm) = MutexGuard::try_map(self.inner.vm.lock().await, Option::as_mut) else {
             return Err(self.closed_error());
         };
         if self.is_closed() {
             return Err(self.closed_error());
         }
         if !vm.is_alive() {
-            drop(guard);
+            drop(vm);
             self.close().await;
             return Err(Error::session_closed("the session's VM was retired"));
         }
-        Ok((guard, activity))
+        Ok((vm, activity))
     }
 
     /// Whether an error leaves the session usable.
@@ -234,13 +233,10 @@ impl Session {
     ) -> Result<ExecutionResult> {
         req.validate()?;
         let started = Instant::now();
-        let (guard, activity) = self.guard().await?;
-        let Some(vm) = guard.as_ref() else {
-            return Err(self.closed_error());
-        };
+        let (vm, activity) = self.guard().await?;
         let outcome = vm.exec(self.inner.language, &req, callbacks).await;
         let usage = vm.usage().await;
-        drop(guard);
+        drop(vm);
         drop(activity);
         let outcome = match outcome {
             Ok(o) => o,
@@ -265,12 +261,9 @@ impl Session {
     where
         R: AsyncRead + Unpin + Send + ?Sized,
     {
-        let (guard, _activity) = self.guard().await?;
-        let Some(vm) = guard.as_ref() else {
-            return Err(self.closed_error());
-        };
+        let (vm, _activity) = self.guard().await?;
         let r = vm.write_file(path, reader, executable).await;
-        drop(guard);
+        drop(vm);
         match r {
             Ok((size, _)) => Ok(size),
             Err(e) => Err(self.after_error(e).await),
@@ -296,12 +289,9 @@ impl Session {
     where
         W: AsyncWrite + Unpin + Send + ?Sized,
     {
-        let (guard, _activity) = self.guard().await?;
-        let Some(vm) = guard.as_ref() else {
-            return Err(self.closed_error());
-        };
+        let (vm, _activity) = self.guard().await?;
         let r = vm.read_file(path, writer).await;
-        drop(guard);
+        drop(vm);
         match r {
             Ok((size, _)) => Ok(size),
             Err(e) => Err(self.after_error(e).await),
@@ -354,12 +344,9 @@ impl Session {
 
     /// Lists the guest directory `path` (`""` is `/home/user`).
     pub async fn list_files(&self, path: &str) -> Result<Vec<DirEntry>> {
-        let (guard, _activity) = self.guard().await?;
-        let Some(vm) = guard.as_ref() else {
-            return Err(self.closed_error());
-        };
+        let (vm, _activity) = self.guard().await?;
         let r = vm.list_files(path).await;
-        drop(guard);
+        drop(vm);
         match r {
             Ok(v) => Ok(v),
             Err(e) => Err(self.after_error(e).await),
