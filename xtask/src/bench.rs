@@ -12,7 +12,7 @@ use sandbox_core::{
 use serde_json::{Value, json};
 
 use crate::assets::{Assets, Image};
-use crate::smoke::{Booter, percentile};
+use crate::smoke::{Booter, percentile, status_kib};
 
 /// How many samples to take.
 #[derive(Debug, Clone, Copy)]
@@ -71,15 +71,7 @@ fn ratio(a: u64, b: u64) -> Value {
 }
 
 fn self_rss_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    status_kib(std::path::Path::new("/proc/self/status"), field).unwrap_or(0)
 }
 
 fn qemu_rss_kib() -> Vec<u64> {
@@ -96,15 +88,7 @@ fn qemu_rss_kib() -> Vec<u64> {
         if !(cmd.starts_with("/usr/bin/qemu-system-x86_64") && cmd.contains("guest=sbx-")) {
             continue;
         }
-        let kb = std::fs::read_to_string(p.join("status"))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            });
+        let kb = status_kib(&p.join("status"), "VmRSS:");
         if let Some(kb) = kb {
             out.push(kb);
         }

@@ -5,7 +5,7 @@
 //! trivial initramfs to `/init` (when that kernel is installed; `--baseline` installs it
 //! into the cache from the Debian archive).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,13 +31,18 @@ pub struct BootSample {
     pub shutdown_ms: u64,
 }
 
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
+/// A `kB` field (e.g. `VmHWM:`) of a `/proc/<pid>/status` file.
+pub fn status_kib(status: &Path, field: &str) -> Option<u64> {
+    std::fs::read_to_string(status)
+        .ok()?
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    status_kib(Path::new(&format!("/proc/{pid}/status")), "VmHWM:")
 }
 
 /// Everything needed to boot VMs directly through the adapters.
@@ -185,7 +190,8 @@ pub fn baseline_boot(cache: &Path) -> Result<Option<u64>> {
         return Ok(None);
     };
     let initrd = crate::baseline::busybox_initramfs(cache)?;
-    let qemu = which("qemu-system-x86_64").context("qemu-system-x86_64 not found")?;
+    let qemu = crate::assets::tools::which("qemu-system-x86_64")
+        .context("qemu-system-x86_64 not found")?;
     let started = Instant::now();
     let mut child = std::process::Command::new(qemu)
         .args([
@@ -232,14 +238,6 @@ pub fn baseline_boot(cache: &Path) -> Result<Option<u64>> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(Some(started.elapsed().as_millis() as u64))
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|c| c.is_file())
-    })
 }
 
 /// Runs the smoke test over `images`, `runs` boots each; prints a table and returns JSON.
