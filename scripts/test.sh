@@ -22,6 +22,13 @@ cargo test --workspace --locked
 step "cargo xtask assets"
 cargo xtask assets
 
+# As root: the unprivileged user QEMU runs as (idempotent), so the VM checks below run
+# QEMU as sbx-qemu; elsewhere QEMU runs as the caller and `sbx doctor` says so.
+if [ "$(id -u)" -eq 0 ]; then
+    step "sbx setup"
+    cargo run -q --locked -p sbx -- setup
+fi
+
 step "cargo xtask boot-smoke --image all"
 cargo xtask boot-smoke --image all
 

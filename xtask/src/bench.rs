@@ -132,7 +132,7 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
 
     // Cold runs per language vs a bare boot of the same kernel+initramfs+image to pong.
     eprintln!("bench: cold runs");
-    let booter = Booter::new().await?;
+    let booter = Booter::new(assets).await?;
     let mut cfg = sbx::SbxConfig::from_env();
     cfg.assets_dir = assets.dir.clone();
     cfg.warm_pool_size = 0;

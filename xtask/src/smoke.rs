@@ -25,6 +25,9 @@ pub struct BootSample {
     pub spawn_to_pong_ms: u64,
     /// Guest-side boot time reported by the agent.
     pub guest_boot_ms: Option<u64>,
+    /// The agent's own setup as PID 1 (mounts, hardening, network), microseconds of
+    /// guest time.
+    pub guest_setup_us: Option<u64>,
     /// QEMU's peak RSS (VmHWM), KiB.
     pub qemu_peak_rss_kib: Option<u64>,
     /// Pong to QEMU exit after the Shutdown request.
@@ -55,16 +58,21 @@ pub struct Booter {
 }
 
 impl Booter {
-    /// Probes the host and prepares a scratch dir.
-    pub async fn new() -> Result<Self> {
+    /// Probes the host and prepares a scratch dir. QEMU runs as whom `sbx` would run it
+    /// as for `assets` (see `sbx::setup`).
+    pub async fn new(assets: &Assets) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let report = probes::host_report().await;
-        let hv =
-            qemu_cmd::QemuHypervisor::from_report(report).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let channel = qemu_cmd::SerialGuestChannel::new(hv.qemu_uid());
         let work = tempfile::Builder::new()
             .prefix("sbx-smoke-")
+            .permissions(std::fs::Permissions::from_mode(0o711))
             .tempdir_in("/tmp")
             .context("scratch dir")?;
+        let (isolation, _) = sbx::setup::isolation(report, &assets.dir, work.path()).await;
+        let hv = qemu_cmd::QemuHypervisor::from_report(report)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_isolation(isolation);
+        let channel = qemu_cmd::SerialGuestChannel::new(hv.qemu_uid());
         Ok(Self {
             hv,
             channel,
@@ -159,6 +167,7 @@ impl Booter {
         Ok(BootSample {
             spawn_to_pong_ms: spawn_to_pong.as_millis() as u64,
             guest_boot_ms: info.boot_ms,
+            guest_setup_us: info.setup_us,
             qemu_peak_rss_kib: rss,
             shutdown_ms: shutdown.as_millis() as u64,
         })
@@ -242,7 +251,7 @@ pub fn baseline_boot(cache: &Path) -> Result<Option<u64>> {
 
 /// Runs the smoke test over `images`, `runs` boots each; prints a table and returns JSON.
 pub async fn run(assets: &Assets, images: &[Image], runs: usize) -> Result<serde_json::Value> {
-    let booter = Booter::new().await?;
+    let booter = Booter::new(assets).await?;
     println!(
         "boot-smoke: accelerator {} ({})",
         booter.accelerator(),
@@ -274,12 +283,16 @@ pub async fn run(assets: &Assets, images: &[Image], runs: usize) -> Result<serde
             match booter.boot(assets, &path, Duration::from_secs(60)).await {
                 Ok(s) => {
                     println!(
-                        "{:<10} run {}: spawn→pong {} ms (guest boot {} ms), QEMU peak RSS {} MiB",
+                        "{:<10} run {}: spawn→pong {} ms (guest boot {} ms, agent setup {} ms), \
+                         QEMU peak RSS {} MiB",
                         image.to_string(),
                         i + 1,
                         s.spawn_to_pong_ms,
                         s.guest_boot_ms
                             .map(|v| v.to_string())
+                            .unwrap_or_else(|| "?".into()),
+                        s.guest_setup_us
+                            .map(|v| format!("{:.1}", v as f64 / 1000.0))
                             .unwrap_or_else(|| "?".into()),
                         s.qemu_peak_rss_kib.map(|k| k / 1024).unwrap_or(0)
                     );

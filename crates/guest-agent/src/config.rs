@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub reseed_crng: bool,
     /// Milliseconds from kernel start to the agent being ready (reported in `Pong`).
     pub boot_ms: Option<u64>,
+    /// Microseconds of PID 1 setup: mounts, switch to the root image, hardening, network
+    /// (reported in `Pong`).
+    pub setup_us: Option<u64>,
     /// True when running as PID 1 inside the VM: `Shutdown` powers the machine off.
     pub pid1: bool,
 }
@@ -69,6 +72,7 @@ impl AgentConfig {
             temp_dir: PathBuf::from("/tmp"),
             reseed_crng: true,
             boot_ms: None,
+            setup_us: None,
             pid1: true,
         }
     }
@@ -90,6 +94,7 @@ impl AgentConfig {
             temp_dir: std::env::temp_dir(),
             reseed_crng: false,
             boot_ms: None,
+            setup_us: None,
             pid1: false,
         }
     }

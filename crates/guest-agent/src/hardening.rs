@@ -10,9 +10,10 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, symlink};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::mount::{MsFlags, mount};
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Sysctls applied at boot: `(path below /proc/sys, value)`.
 pub const SYSCTLS: &[(&str, &str)] = &[
@@ -50,17 +51,28 @@ pub fn apply_sysctls() -> usize {
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
+/// Successful [`reseed_crng`] calls in this process.
+static CRNG_RESEEDS: AtomicU64 = AtomicU64::new(0);
+
 /// Asks the kernel to reseed its CRNG now, so VMs restored from one snapshot diverge.
-/// Needs CAP_SYS_ADMIN; failures are ignored.
+/// Needs CAP_SYS_ADMIN; a failure is logged and not counted.
 pub fn reseed_crng() {
     let Ok(file) = fs::File::open("/dev/urandom") else {
+        warn!("RNDRESEEDCRNG: cannot open /dev/urandom");
         return;
     };
     // SAFETY: RNDRESEEDCRNG takes no argument; the descriptor is valid for the call.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG as _) };
-    if rc != 0 {
-        debug!(err = %io::Error::last_os_error(), "RNDRESEEDCRNG failed");
+    if rc == 0 {
+        CRNG_RESEEDS.fetch_add(1, Ordering::Relaxed);
+    } else {
+        warn!(err = %io::Error::last_os_error(), "RNDRESEEDCRNG failed");
     }
+}
+
+/// How many CRNG reseeds succeeded so far (reported in `Pong`).
+pub fn crng_reseeds() -> u64 {
+    CRNG_RESEEDS.load(Ordering::Relaxed)
 }
 
 /// Brings the loopback interface up (`SIOCGIFFLAGS` / `SIOCSIFFLAGS`).

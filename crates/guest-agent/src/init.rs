@@ -16,7 +16,7 @@
 //!    `sbx.net=` ([`crate::net`]), read-only binds over `/proc/sys` and
 //!    `/proc/sysrq-trigger`, then `/dev` read-only;
 //! 5. the reaper thread, the CRNG reseed, and the time from kernel start to here, which
-//!    `Pong` reports as `boot_ms`.
+//!    `Pong` reports as `boot_ms` (and the time this sequence took as `setup_us`).
 //!
 //! The root image is read-only (so is `/etc/hosts`; `/etc/resolv.conf` links to
 //! `/run/resolv.conf`, on a tmpfs the network setup mounts).
@@ -144,9 +144,33 @@ fn switch_root() -> io::Result<()> {
     Ok(())
 }
 
+/// Guest time per setup phase, for the `guest ready` log line.
+struct Phases {
+    last: Instant,
+    marks: Vec<String>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            marks: Vec::new(),
+        }
+    }
+
+    /// Ends the phase called `name`.
+    fn mark(&mut self, name: &str) {
+        let now = Instant::now();
+        self.marks
+            .push(format!("{name}={}us", (now - self.last).as_micros()));
+        self.last = now;
+    }
+}
+
 /// Does everything PID 1 must do before serving; returns the agent configuration.
 pub fn boot() -> AgentConfig {
     let started = Instant::now();
+    let mut phases = Phases::new();
     let _ = mount_fs(
         "devtmpfs",
         "/dev",
@@ -173,9 +197,11 @@ pub fn boot() -> AgentConfig {
     ) {
         warn!(%err, "sysfs");
     }
+    phases.mark("early_mounts");
     if let Err(err) = switch_root() {
         warn!(%err, "cannot switch to the root image; staying in the initramfs");
     }
+    phases.mark("switch_root");
     let cfg = AgentConfig::vm();
     let mem = mem_total_kib();
     let user = UserIds::VM_USER;
@@ -203,6 +229,7 @@ pub fn boot() -> AgentConfig {
         NOSUID_NODEV.union(MsFlags::MS_NOEXEC),
         Some("newinstance,ptmxmode=0666,mode=0620"),
     );
+    phases.mark("tmpfs");
     hardening::clean_dev(Path::new("/dev"));
     let failed = hardening::apply_sysctls();
     if failed > 0 {
@@ -211,7 +238,9 @@ pub fn boot() -> AgentConfig {
     if let Err(err) = hardening::loopback_up() {
         warn!(%err, "loopback");
     }
+    phases.mark("dev_sysctl_lo");
     crate::net::boot();
+    phases.mark("net");
     for path in ["/proc/sys", "/proc/sysrq-trigger"] {
         if let Err(err) = hardening::readonly_bind(Path::new(path)) {
             warn!(path, err = %err.desc(), "read-only bind");
@@ -227,15 +256,18 @@ pub fn boot() -> AgentConfig {
         warn!(err = %err.desc(), "/dev read-only");
     }
     let _ = nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    phases.mark("read_only");
     if let Err(err) = crate::process::start_reaper() {
         warn!(%err, "reaper");
     }
     hardening::reseed_crng();
-    let setup_ms = started.elapsed().as_millis();
+    phases.mark("reaper_crng");
+    let setup_us = started.elapsed().as_micros() as u64;
     let boot_ms = boottime_ms();
-    info!(setup_ms, boot_ms, "guest ready");
+    info!(setup_us, boot_ms, phases = %phases.marks.join(" "), "guest ready");
     AgentConfig {
         boot_ms: Some(boot_ms),
+        setup_us: Some(setup_us),
         ..cfg
     }
 }

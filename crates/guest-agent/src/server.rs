@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 use crate::AGENT_VERSION;
 use crate::engine::{Engine, error};
 use crate::files::{self, WriteMsg};
+use crate::hardening;
 
 /// Frames queued for the writer.
 const OUT_QUEUE: usize = 64;
@@ -167,6 +168,8 @@ where
                         protocol_version: PROTOCOL_VERSION,
                         agent_version: AGENT_VERSION.to_owned(),
                         boot_ms: engine.config().boot_ms,
+                        setup_us: engine.config().setup_us,
+                        crng_reseeds: engine.config().reseed_crng.then(hardening::crng_reseeds),
                     }
                 } else {
                     error(

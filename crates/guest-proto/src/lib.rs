@@ -63,7 +63,7 @@
 //! `Error` is always terminal.
 //!
 //! - **Handshake**: on connect the host sends `Ping { protocol_version }`; the guest answers
-//!   `Pong { protocol_version, agent_version, boot_ms }`, or `Error { kind: Protocol }` when
+//!   `Pong { protocol_version, agent_version, boot_ms, setup_us, crng_reseeds }`, or `Error { kind: Protocol }` when
 //!   the versions differ. Independently, every frame's version byte is checked, and a
 //!   frame of another version decodes to [`ProtoError::VersionMismatch`].
 //! - **Exec**: `Exec` → `Stdout`/`Stderr`* → `ExecDone` | `Error`.

@@ -209,6 +209,12 @@ pub enum GuestMessage {
         agent_version: String,
         /// Milliseconds from kernel start to the agent being ready, when known.
         boot_ms: Option<u64>,
+        /// Microseconds the agent spent on its own setup as PID 1 (mounts, hardening,
+        /// network), when known.
+        setup_us: Option<u64>,
+        /// Successful kernel CRNG reseeds so far (at boot and before each exec), when the
+        /// agent reseeds.
+        crng_reseeds: Option<u64>,
     },
     /// A chunk of the running code's standard output (raw bytes).
     Stdout(Bytes),

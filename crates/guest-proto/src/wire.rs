@@ -94,6 +94,10 @@ struct PongBody<'a> {
     protocol_version: u8,
     agent_version: Cow<'a, str>,
     boot_ms: Option<u64>,
+    #[serde(default)]
+    setup_us: Option<u64>,
+    #[serde(default)]
+    crng_reseeds: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -324,6 +328,8 @@ impl WireMessage for GuestMessage {
                 protocol_version,
                 agent_version,
                 boot_ms,
+                setup_us,
+                crng_reseeds,
             } => put_json(
                 dst,
                 tag,
@@ -331,6 +337,8 @@ impl WireMessage for GuestMessage {
                     protocol_version: *protocol_version,
                     agent_version: Cow::Borrowed(agent_version),
                     boot_ms: *boot_ms,
+                    setup_us: *setup_us,
+                    crng_reseeds: *crng_reseeds,
                 },
             ),
             Self::Stdout(data) | Self::Stderr(data) | Self::FileChunk(data) => {
@@ -399,6 +407,8 @@ impl WireMessage for GuestMessage {
                     protocol_version: body.protocol_version,
                     agent_version: body.agent_version.into_owned(),
                     boot_ms: body.boot_ms,
+                    setup_us: body.setup_us,
+                    crng_reseeds: body.crng_reseeds,
                 }
             }
             guest::STDOUT => Self::Stdout(payload),

@@ -606,7 +606,9 @@ fn optional_fields_may_be_absent() {
         GuestMessage::Pong {
             protocol_version: 1,
             agent_version: "x".into(),
-            boot_ms: None
+            boot_ms: None,
+            setup_us: None,
+            crng_reseeds: None,
         }
     );
 }

@@ -231,6 +231,8 @@ fn every_variant_is_covered_with_distinct_tags() {
             protocol_version: 1,
             agent_version: "0.1.0".into(),
             boot_ms: Some(1200),
+            setup_us: Some(4100),
+            crng_reseeds: Some(3),
         },
         G::Stdout(bytes::Bytes::from_static(b"out")),
         G::Stderr(bytes::Bytes::from_static(b"err")),

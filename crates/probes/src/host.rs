@@ -190,6 +190,85 @@ pub fn lookup_user(passwd: &Path, name: &str) -> Option<UserAccount> {
     })
 }
 
+/// What a user must be able to do with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Access {
+    /// Read a file (or list a directory).
+    Read,
+    /// Read and write a file (e.g. a device node).
+    ReadWrite,
+    /// Search a directory (reach what is inside it).
+    Search,
+}
+
+impl Access {
+    fn test_flags(self) -> &'static str {
+        match self {
+            Self::Read => "r",
+            Self::ReadWrite => "rw",
+            Self::Search => "x",
+        }
+    }
+
+    /// In words, for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::ReadWrite => "read and write",
+            Self::Search => "search",
+        }
+    }
+}
+
+/// Which of `paths` `user` cannot access as required, checked by the kernel itself:
+/// `access(2)` in a child running as the user and its primary group only (as QEMU runs
+/// under `unshare --setuid --setgid`), so ancestors' permissions and ACLs all count.
+/// Needs root (or CAP_SETUID/CAP_SETGID).
+pub async fn access_gaps(
+    user: &UserAccount,
+    paths: &[(PathBuf, Access)],
+) -> std::io::Result<Vec<(PathBuf, Access)>> {
+    if paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Each pair is FLAGS PATH; the script prints the index of each failure.
+    const SCRIPT: &str = r#"i=0
+while [ $# -gt 0 ]; do
+  f=$1; p=$2; shift 2; ok=1
+  case $f in *r*) [ -r "$p" ] || ok=0 ;; esac
+  case $f in *w*) [ -w "$p" ] || ok=0 ;; esac
+  case $f in *x*) [ -x "$p" ] || ok=0 ;; esac
+  [ $ok = 1 ] || echo $i
+  i=$((i+1))
+done"#;
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c").arg(SCRIPT).arg("sh");
+    for (path, access) in paths {
+        cmd.arg(access.test_flags()).arg(path);
+    }
+    cmd.uid(user.uid)
+        .gid(user.gid)
+        .env_clear()
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(5), cmd.output())
+        .await
+        .map_err(|_| std::io::Error::other("access check timed out"))??;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "access check as uid {} failed: {}",
+            user.uid,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<usize>().ok())
+        .filter_map(|i| paths.get(i).cloned())
+        .collect())
+}
+
 /// Whether QEMU can be started in fresh namespaces with `unshare`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UnshareStatus {
@@ -400,5 +479,49 @@ mod tests {
             "{}",
             st.detail
         );
+    }
+
+    #[tokio::test]
+    async fn access_gaps_asks_the_kernel_as_the_user() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: checking access as another user needs root");
+            return;
+        }
+        let nobody = UserAccount {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        let file = dir.join("f");
+        fs::write(&file, "x").unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let wanted = vec![
+            (dir.clone(), Access::Search),
+            (file.clone(), Access::Read),
+            (file.clone(), Access::ReadWrite),
+            (tmp.path().to_path_buf(), Access::Search),
+        ];
+        // The directory blocks everything below it, although the file is world-readable.
+        let gaps = access_gaps(&nobody, &wanted).await.unwrap();
+        assert_eq!(gaps, wanted[..3].to_vec());
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).unwrap();
+        let gaps = access_gaps(&nobody, &wanted).await.unwrap();
+        assert_eq!(gaps, vec![(file.clone(), Access::ReadWrite)]);
+        assert!(access_gaps(&nobody, &[]).await.unwrap().is_empty());
+        // Odd names travel as arguments, never through the shell.
+        let odd = dir.join("a b; $(touch pwned)");
+        fs::write(&odd, "").unwrap();
+        fs::set_permissions(&odd, fs::Permissions::from_mode(0o600)).unwrap();
+        let gaps = access_gaps(&nobody, &[(odd.clone(), Access::Read)])
+            .await
+            .unwrap();
+        assert_eq!(gaps, vec![(odd, Access::Read)]);
+        assert!(!std::path::Path::new("/pwned").exists() && !dir.join("pwned").exists());
     }
 }

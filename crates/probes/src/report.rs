@@ -162,10 +162,20 @@ impl HostReport {
         self.accelerator.accelerator
     }
 
-    /// The uid QEMU runs as: `sbx-qemu`'s when it exists, else this process's.
-    pub fn qemu_uid(&self) -> u32 {
+    /// The user QEMU can be switched to: `sbx-qemu` when it exists, is not this
+    /// process's user, and this process runs as root (which `unshare --setuid` needs).
+    /// Whether that user can reach the assets is checked where they are known (see
+    /// [`crate::host::access_gaps`]).
+    pub fn qemu_run_as(&self) -> Option<&UserAccount> {
         self.qemu_user
             .as_ref()
+            .filter(|u| u.uid != self.current_uid && self.current_uid == 0)
+    }
+
+    /// The uid QEMU runs as by this report: [`HostReport::qemu_run_as`]'s, else this
+    /// process's.
+    pub fn qemu_uid(&self) -> u32 {
+        self.qemu_run_as()
             .map(|u| u.uid)
             .unwrap_or(self.current_uid)
     }
@@ -299,13 +309,19 @@ fn warnings(r: &HostReport, qemu_user: &str) -> Vec<String> {
             r.accelerator.reason
         ));
     }
-    if r.qemu_user.is_none() {
-        out.push(format!(
+    match &r.qemu_user {
+        None => out.push(format!(
             "user {qemu_user} does not exist: QEMU runs as uid {} (the sbx process's user); \
-             create it (`useradd --system --no-create-home sbx-qemu`) and give it read access \
-             to the assets and the work dir to run QEMU unprivileged",
+             run `sbx setup` as root to create it and give it access to the assets and the \
+             work dir, and QEMU runs unprivileged",
             r.current_uid
-        ));
+        )),
+        Some(u) if r.current_uid != 0 && u.uid != r.current_uid => out.push(format!(
+            "user {qemu_user} exists but this process is not root, so it cannot switch QEMU \
+             to it: QEMU runs as uid {}",
+            r.current_uid
+        )),
+        Some(_) => {}
     }
     if !r.unshare.usable {
         out.push(format!(

@@ -151,24 +151,24 @@ impl SerialGuestChannel {
             let wake = next_ping.min(deadline);
             tokio::select! {
                 frame = reader.next() => match frame {
-                    Ok(Some(Frame { op_id, msg })) if pings.contains(&op_id) => match msg {
-                        GuestMessage::Pong { protocol_version, agent_version, boot_ms } => {
-                            if protocol_version != PROTOCOL_VERSION {
+                    Ok(Some(Frame { op_id, msg })) if pings.contains(&op_id) => match AgentInfo::from_pong(msg) {
+                        Ok(info) => {
+                            if info.protocol_version != PROTOCOL_VERSION {
                                 return Err(QemuError::ProtocolVersion {
-                                    guest: protocol_version,
+                                    guest: info.protocol_version,
                                     host: PROTOCOL_VERSION,
                                 });
                             }
-                            return Ok(AgentInfo { protocol_version, agent_version, boot_ms });
+                            return Ok(info);
                         }
-                        GuestMessage::Error { kind, message } => {
+                        Err(GuestMessage::Error { kind, message }) => {
                             return Err(if kind == GuestErrorKind::Protocol {
                                 QemuError::Handshake(format!("protocol error: {message}"))
                             } else {
                                 QemuError::Handshake(format!("{kind}: {message}"))
                             });
                         }
-                        other => tracing::debug!(msg = other.name(), "ignoring non-Pong reply to a ping"),
+                        Err(other) => tracing::debug!(msg = other.name(), "ignoring non-Pong reply to a ping"),
                     },
                     Ok(Some(frame)) => {
                         tracing::trace!(op = %frame.op_id, msg = frame.msg.name(), "dropping frame during handshake");

@@ -189,7 +189,11 @@ impl<'a> QemuCommandBuilder<'a> {
             args.push("lpj=1000000".into());
         }
         if spec.console.verbose {
-            args.extend(["loglevel=7", "printk.devkmsg=on"].map(String::from));
+            // Unknown KEY=VALUE arguments reach init's environment: the agent logs at
+            // info level (setup phases, network).
+            args.extend(
+                ["loglevel=7", "printk.devkmsg=on", "SBX_AGENT_LOG=info"].map(String::from),
+            );
         } else {
             args.extend(["quiet", "loglevel=0", "printk.devkmsg=off"].map(String::from));
         }
@@ -352,7 +356,7 @@ pub fn render_argv(program: &OsStr, args: &[OsString]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sandbox_core::ports::ConsoleSpec;
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sandbox_core::ports::{Hypervisor, VmProcess, VmSpec};
+use sandbox_core::ports::{Hypervisor, NetworkAttachment, VmProcess, VmSpec};
 
 use crate::command::{CommandOptions, QemuCommandBuilder, QemuFeatures};
 use crate::process::{ConsoleCapture, ProcessConfig, QemuProcess, RunAs, UnshareWrap};
@@ -30,14 +30,10 @@ impl Isolation {
                 None
             },
             unshare_net: report.unshare.net,
-            run_as: report
-                .qemu_user
-                .as_ref()
-                .filter(|u| u.uid != report.current_uid)
-                .map(|u| RunAs {
-                    uid: u.uid,
-                    gid: u.gid,
-                }),
+            run_as: report.qemu_run_as().map(|u| RunAs {
+                uid: u.uid,
+                gid: u.gid,
+            }),
         }
     }
 }
@@ -145,6 +141,20 @@ impl QemuHypervisor {
 
     /// Spawns the VM and returns the concrete process handle.
     pub async fn spawn(&self, spec: &VmSpec) -> sandbox_core::Result<QemuProcess> {
+        if let Some(run_as) = self.isolation.run_as {
+            share_with_group(spec, run_as.gid).map_err(|e| {
+                sandbox_core::Error::permanent(
+                    sandbox_core::PermanentCause::Host,
+                    format!(
+                        "cannot share the VM's work dir {} with QEMU's group {}: {e}",
+                        spec.work_dir.display(),
+                        run_as.gid
+                    ),
+                )
+                .with_vm(spec.vm_id)
+                .with_operation("launch")
+            })?;
+        }
         QemuProcess::spawn(self.process_config(spec))
             .await
             .map_err(|e| {
@@ -155,11 +165,71 @@ impl QemuHypervisor {
     }
 }
 
+/// Lets QEMU running as another user (primary group `gid`) use this VM's files: the work
+/// dir, where QEMU creates its sockets (under umask 007), becomes 0770 and the overlay and
+/// the network socket 0660, all group-owned by `gid`. Nobody else gets in; the host
+/// program keeps ownership and removes everything at teardown.
+pub fn share_with_group(spec: &VmSpec, gid: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut shared = vec![
+        (spec.work_dir.as_path(), 0o770),
+        (spec.disk.as_path(), 0o660),
+    ];
+    if let Some(NetworkAttachment::UnixStream { socket }) = &spec.network {
+        shared.push((socket.as_path(), 0o660));
+    }
+    for (path, mode) in shared {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Hypervisor for QemuHypervisor {
     async fn launch(&self, spec: &VmSpec) -> sandbox_core::Result<Box<dyn VmProcess>> {
         let process = self.spawn(spec).await?;
         tracing::debug!(vm_id = %spec.vm_id, pid = ?process.pid(), "QEMU launched");
         Ok(Box::new(process))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    use super::*;
+
+    #[test]
+    fn share_with_group_opens_the_vm_files_to_qemus_group_only() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: changing a file's group to another group needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("vm");
+        std::fs::create_dir(&work).unwrap();
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut spec = crate::command::tests::spec(sandbox_core::ports::Accelerator::Tcg);
+        spec.work_dir = work.clone();
+        spec.disk = work.join("overlay.qcow2");
+        std::fs::write(&spec.disk, b"").unwrap();
+        let socket = work.join("net.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        spec.network = Some(NetworkAttachment::UnixStream {
+            socket: socket.clone(),
+        });
+        share_with_group(&spec, 65534).unwrap();
+        for (path, mode) in [(&work, 0o770), (&spec.disk, 0o660), (&socket, 0o660)] {
+            let md = std::fs::symlink_metadata(path).unwrap();
+            assert_eq!(md.gid(), 65534, "{}", path.display());
+            assert_eq!(md.uid(), 0, "the host program keeps ownership");
+            assert_eq!(md.mode() & 0o7777, mode, "{}", path.display());
+        }
+        // A missing file is an error naming it.
+        spec.disk = work.join("gone.qcow2");
+        let err = share_with_group(&spec, 65534).unwrap_err();
+        assert!(err.to_string().contains("gone.qcow2"), "{err}");
     }
 }

@@ -27,6 +27,8 @@ fn pong() -> GuestMessage {
         protocol_version: PROTOCOL_VERSION,
         agent_version: "0.1.0-test".into(),
         boot_ms: Some(1234),
+        setup_us: Some(2500),
+        crng_reseeds: Some(1),
     }
 }
 
@@ -309,6 +311,8 @@ async fn protocol_version_mismatch_is_permanent() {
                 protocol_version: PROTOCOL_VERSION + 1,
                 agent_version: "9".into(),
                 boot_ms: None,
+                setup_us: None,
+                crng_reseeds: None,
             },
         ))
         .await

@@ -19,7 +19,7 @@ use tracing::warn;
 use crate::Language;
 use crate::error::{Error, ErrorKind, Result, TransientCause};
 use crate::manager::Vm;
-use crate::ports::OpStream;
+use crate::ports::{AgentInfo, OpStream};
 use crate::request::ExecRequest;
 use crate::result::millis;
 use crate::vm::VmState;
@@ -151,6 +151,23 @@ fn lost(vm: &Vm, op: &str) -> Error {
     .with_operation(op.to_owned())
 }
 
+/// A guest's error report for `op` on `vm`.
+fn reported(vm: &Vm, op: &str, kind: GuestErrorKind, message: String) -> Error {
+    guest_error(kind, message)
+        .with_vm(vm.id())
+        .with_operation(op.to_owned())
+}
+
+/// The error for anything but the expected reply to `op`: the guest's own report, an
+/// unexpected message, or the transport lost.
+fn not_the_reply(vm: &Vm, op: &str, msg: Option<GuestMessage>) -> Error {
+    match msg {
+        Some(GuestMessage::Error { kind, message }) => reported(vm, op, kind, message),
+        Some(other) => unexpected(vm, op, &other),
+        None => lost(vm, op),
+    }
+}
+
 fn unexpected(vm: &Vm, op: &str, msg: &GuestMessage) -> Error {
     Error::new(
         ErrorKind::Guest,
@@ -246,9 +263,7 @@ impl Vm {
                         return Ok(());
                     }
                     GuestMessage::Error { kind, message } => {
-                        return Err(guest_error(kind, message)
-                            .with_vm(self.id())
-                            .with_operation("exec"));
+                        return Err(reported(self, "exec", kind, message));
                     }
                     other => return Err(unexpected(self, "exec", &other)),
                 }
@@ -270,17 +285,31 @@ impl Vm {
         Ok(out)
     }
 
+    /// Asks the agent how it is: versions, boot and setup times, CRNG reseeds so far.
+    pub async fn ping(&self) -> Result<AgentInfo> {
+        let _busy = Busy::enter(self)?;
+        let mut stream = dispatch(
+            self,
+            "ping",
+            HostMessage::Ping {
+                protocol_version: guest_proto::PROTOCOL_VERSION,
+            },
+        )
+        .await?;
+        match stream.recv().await.map(AgentInfo::from_pong) {
+            Some(Ok(info)) => Ok(info),
+            Some(Err(other)) => Err(not_the_reply(self, "ping", Some(other))),
+            None => Err(not_the_reply(self, "ping", None)),
+        }
+    }
+
     /// Starts the REPL for `language` ahead of the first exec.
     pub async fn warm_up(&self, language: Language) -> Result<()> {
         let _busy = Busy::enter(self)?;
         let mut stream = dispatch(self, "warm_up", HostMessage::WarmUp { language }).await?;
         match stream.recv().await {
             Some(GuestMessage::WarmUpDone { .. }) => Ok(()),
-            Some(GuestMessage::Error { kind, message }) => Err(guest_error(kind, message)
-                .with_vm(self.id())
-                .with_operation("warm_up")),
-            Some(other) => Err(unexpected(self, "warm_up", &other)),
-            None => Err(lost(self, "warm_up")),
+            other => Err(not_the_reply(self, "warm_up", other)),
         }
     }
 
@@ -313,12 +342,7 @@ impl Vm {
         loop {
             // The guest may refuse early (bad path): stop sending then.
             if let Ok(msg) = stream.rx.try_recv() {
-                return match msg {
-                    GuestMessage::Error { kind, message } => Err(guest_error(kind, message)
-                        .with_vm(self.id())
-                        .with_operation("write_file")),
-                    other => Err(unexpected(self, "write_file", &other)),
-                };
+                return Err(not_the_reply(self, "write_file", Some(msg)));
             }
             let n = reader.read(&mut buf).await.map_err(|e| {
                 Error::input("content", "reading the local content failed").with_source(e)
@@ -376,11 +400,7 @@ impl Vm {
             )
             .with_vm(self.id())
             .with_operation("write_file")),
-            Some(GuestMessage::Error { kind, message }) => Err(guest_error(kind, message)
-                .with_vm(self.id())
-                .with_operation("write_file")),
-            Some(other) => Err(unexpected(self, "write_file", &other)),
-            None => Err(lost(self, "write_file")),
+            other => Err(not_the_reply(self, "write_file", other)),
         }
     }
 
@@ -426,13 +446,7 @@ impl Vm {
                     })?;
                     return Ok((size, sha256));
                 }
-                Some(GuestMessage::Error { kind, message }) => {
-                    return Err(guest_error(kind, message)
-                        .with_vm(self.id())
-                        .with_operation("read_file"));
-                }
-                Some(other) => return Err(unexpected(self, "read_file", &other)),
-                None => return Err(lost(self, "read_file")),
+                other => return Err(not_the_reply(self, "read_file", other)),
             }
         }
     }
@@ -452,11 +466,7 @@ impl Vm {
         .await?;
         match stream.recv().await {
             Some(GuestMessage::DirListing { entries }) => Ok(entries),
-            Some(GuestMessage::Error { kind, message }) => Err(guest_error(kind, message)
-                .with_vm(self.id())
-                .with_operation("list_files")),
-            Some(other) => Err(unexpected(self, "list_files", &other)),
-            None => Err(lost(self, "list_files")),
+            other => Err(not_the_reply(self, "list_files", other)),
         }
     }
 }

@@ -320,6 +320,32 @@ pub struct AgentInfo {
     pub agent_version: String,
     /// Guest boot time reported by the agent, when known.
     pub boot_ms: Option<u64>,
+    /// Guest time the agent spent on its setup as PID 1, in microseconds, when known.
+    pub setup_us: Option<u64>,
+    /// Successful kernel CRNG reseeds in the guest so far, when the agent reseeds.
+    pub crng_reseeds: Option<u64>,
+}
+
+impl AgentInfo {
+    /// What a `Pong` says; any other message is handed back.
+    pub fn from_pong(msg: GuestMessage) -> std::result::Result<Self, GuestMessage> {
+        match msg {
+            GuestMessage::Pong {
+                protocol_version,
+                agent_version,
+                boot_ms,
+                setup_us,
+                crng_reseeds,
+            } => Ok(Self {
+                protocol_version,
+                agent_version,
+                boot_ms,
+                setup_us,
+                crng_reseeds,
+            }),
+            other => Err(other),
+        }
+    }
 }
 
 /// The replies and events of one operation. `None` from [`OpStream::recv`] means the

@@ -31,6 +31,7 @@ use crate::admission::AdmissionPermit;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manager::Vm;
 use crate::ops::OutputCallbacks;
+use crate::ports::AgentInfo;
 use crate::request::ExecRequest;
 use crate::result::{ExecutionResult, ExposedPort, TimingBreakdown, millis};
 
@@ -346,6 +347,17 @@ impl Session {
     pub async fn list_files(&self, path: &str) -> Result<Vec<DirEntry>> {
         let (vm, _activity) = self.guard().await?;
         let r = vm.list_files(path).await;
+        drop(vm);
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.after_error(e).await),
+        }
+    }
+
+    /// Asks the session's guest agent how it is (see [`Vm::ping`]).
+    pub async fn ping(&self) -> Result<AgentInfo> {
+        let (vm, _activity) = self.guard().await?;
+        let r = vm.ping().await;
         drop(vm);
         match r {
             Ok(v) => Ok(v),

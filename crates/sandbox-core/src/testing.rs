@@ -188,6 +188,8 @@ impl GuestChannel for FakeChannel {
                         protocol_version: guest_proto::PROTOCOL_VERSION,
                         agent_version: "fake".into(),
                         boot_ms: Some(1),
+                        setup_us: Some(1000),
+                        crng_reseeds: Some(1),
                     },
                 ))
             }

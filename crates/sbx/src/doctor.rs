@@ -129,6 +129,17 @@ pub async fn doctor(cfg: &SbxConfig) -> DoctorReport {
             Some("build the guest assets: cargo xtask assets"),
         ));
     }
+    // The user exists and could be used, but cannot reach what QEMU opens: a broken
+    // setup. A missing user is a warning (the host report carries it), not a failure.
+    let qemu_user = crate::setup::qemu_user(&host, &cfg.assets_dir, &cfg.work_dir).await;
+    let misconfigured =
+        matches!(qemu_user, crate::setup::QemuUser::Caller { .. }) && host.qemu_run_as().is_some();
+    checks.push(check(
+        "qemu_user",
+        !misconfigured,
+        qemu_user.describe(),
+        Some("run `sbx setup` as root (creates sbx-qemu, grants it access to the assets)"),
+    ));
     checks.push(check(
         "warm_pool",
         true,

@@ -46,6 +46,7 @@ use serde::Serialize;
 
 pub mod doctor;
 pub mod serve;
+pub mod setup;
 
 /// Settings of the default wiring. [`SbxConfig::from_env`] reads the environment.
 #[derive(Debug, Clone)]
@@ -161,6 +162,8 @@ pub struct Wiring {
     pub work_dir: PathBuf,
     /// Networking available.
     pub network: bool,
+    /// Who QEMU runs as, and why.
+    pub qemu_user: String,
 }
 
 /// A started sbx instance: a scheduler over the default adapters.
@@ -199,6 +202,8 @@ impl Sbx {
             )
             .with_source(e)
         })?;
+        let (isolation, qemu_user) = setup::isolation(report, &cfg.assets_dir, &cfg.work_dir).await;
+        let qemu = qemu.with_isolation(isolation);
         let overlays = Arc::new(
             overlay::OverlayPool::new(overlay::PoolConfig {
                 pool_root: Some(cfg.work_dir.clone()),
@@ -243,6 +248,7 @@ impl Sbx {
             assets_dir: cfg.assets_dir.clone(),
             work_dir: cfg.work_dir.clone(),
             network: network.is_some(),
+            qemu_user: qemu_user.describe(),
         };
         Ok(Self {
             scheduler,

@@ -40,6 +40,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// As root: create the unprivileged `sbx-qemu` user QEMU runs as, and grant it access
+    /// to the guest assets and the work dir (idempotent).
+    Setup,
     // --- sbx serve (crates/sbx/src/serve/) ---
     /// Serve the HTTP API (bearer token required unless --no-auth on loopback).
     Serve(Box<sbx::serve::ServeArgs>),
@@ -97,6 +100,7 @@ fn normalize_args(mut args: Vec<String>) -> Vec<String> {
         let known = [
             "run",
             "doctor",
+            "setup",
             "serve",
             "help",
             "-h",
@@ -494,6 +498,21 @@ async fn cmd_doctor(json: bool) -> i32 {
     if report.ok { 0 } else { 1 }
 }
 
+async fn cmd_setup() -> i32 {
+    match sbx::setup::setup(&SbxConfig::from_env()).await {
+        Ok(lines) => {
+            for l in lines {
+                println!("sbx setup: {l}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("sbx setup: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
     let args = normalize_args(std::env::args().collect());
     let cli = match Cli::try_parse_from(args) {
@@ -534,6 +553,7 @@ fn main() {
         match cli.cmd {
             Cmd::Run(args) => cmd_run(*args).await,
             Cmd::Doctor { json } => cmd_doctor(json).await,
+            Cmd::Setup => cmd_setup().await,
             Cmd::Serve(args) => sbx::serve::cli::main(*args).await,
         }
     });

@@ -224,6 +224,10 @@ for d in /dev/mem /dev/kmem /dev/port /dev/vda; do [ -e $d ] && echo "$d present
 cat /proc/sys/kernel/kptr_restrict /proc/sys/kernel/dmesg_restrict /proc/sys/fs/suid_dumpable
 echo 1 > /proc/sys/kernel/sysrq 2>/dev/null && echo sysctl-writable || echo sysctl-ro
 pwd
+awk '$2 == "/dev" { split($4, o, ","); print "dev-mount", o[1] }' /proc/mounts
+[ -O /proc/$BASHPID/status ] && echo repl-owner-user || echo repl-owner-root
+ls -d /proc/$BASHPID >/dev/null 2>&1 && echo repl-visible-to-children || echo repl-hidden-from-children
+sleep 5 & echo "child-owner $(stat -c %u /proc/$!/status)"; kill $!
 "#;
     let r = run(&sbx, Language::Raw, code).await;
     let out = r.stdout;
@@ -239,9 +243,31 @@ pwd
         "2\n1\n0\n",
         "sysctl-ro",
         "/home/user",
+        "dev-mount ro\n",
+        // The REPL is non-dumpable: its /proc files belong to root and other uid-1000
+        // processes, its own children included, cannot even see it. A child that execs a
+        // readable binary is an ordinary dumpable process (the control).
+        "repl-owner-root\n",
+        "repl-hidden-from-children\n",
+        "child-owner 1000\n",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
+    // The Python and JavaScript REPLs are non-dumpable too.
+    let r = run(
+        &sbx,
+        Language::Python,
+        "import os; print(os.stat(f'/proc/{os.getpid()}/status').st_uid)",
+    )
+    .await;
+    assert_eq!(r.stdout, "0\n", "python: {r:?}");
+    let r = run(
+        &sbx,
+        Language::Javascript,
+        "console.log(require('fs').statSync(`/proc/${process.pid}/status`).uid)",
+    )
+    .await;
+    assert_eq!(r.stdout, "0\n", "javascript: {r:?}");
     // Zombies are reaped: an orphaned child that exits does not linger.
     let r = run(
         &sbx,
@@ -251,6 +277,121 @@ pwd
     .await;
     assert_eq!(r.stdout.trim(), "0", "zombies: {}", r.stdout);
     sbx.stop().await;
+}
+
+/// The agent reseeds the kernel CRNG at boot and before every exec (so VMs restored from
+/// one snapshot diverge), and reports its setup time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn crng_reseeded_before_each_exec_and_setup_time_reported() {
+    let sbx = sbx(0).await;
+    let s = sbx
+        .scheduler()
+        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .await
+        .unwrap();
+    let first = s.ping().await.unwrap();
+    let at_boot = first.crng_reseeds.expect("the VM agent reseeds");
+    assert!(at_boot >= 1, "reseeded at boot: {first:?}");
+    let setup_us = first.setup_us.expect("setup time reported");
+    assert!(setup_us > 0, "{first:?}");
+    let cb = OutputCallbacks::default();
+    for _ in 0..3 {
+        s.exec(ExecRequest::new("pass"), &cb).await.unwrap();
+    }
+    let after = s.ping().await.unwrap();
+    assert_eq!(
+        after.crng_reseeds,
+        Some(at_boot + 3),
+        "one reseed per exec, none per ping"
+    );
+    eprintln!(
+        "guest setup {:.2} ms, boot {:?} ms, reseeds {at_boot} → {:?}",
+        setup_us as f64 / 1000.0,
+        first.boot_ms,
+        after.crng_reseeds
+    );
+    s.close().await;
+    sbx.stop().await;
+}
+
+/// With `sbx setup` done (CI runs it), QEMU runs as `sbx-qemu`, and the VM's files are
+/// shared with its group only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn qemu_runs_as_the_dedicated_user() {
+    use std::os::unix::fs::MetadataExt;
+    let cfg = config(0);
+    let report = probes::host_report().await;
+    let user = match sbx::setup::qemu_user(report, &cfg.assets_dir, &cfg.work_dir).await {
+        sbx::setup::QemuUser::Dedicated(u) => u,
+        other => {
+            eprintln!(
+                "skipped: QEMU cannot run as its own user here ({}); `sbx setup` as root \
+                 enables it",
+                other.describe()
+            );
+            return;
+        }
+    };
+    let sbx = Sbx::start(cfg).await.unwrap();
+    assert!(
+        sbx.wiring().qemu_user.starts_with(&user.name),
+        "{}",
+        sbx.wiring().qemu_user
+    );
+    let s = sbx
+        .scheduler()
+        .session(SessionRequest::new(Language::Raw), RunOptions::default())
+        .await
+        .unwrap();
+    let r = s
+        .exec(ExecRequest::new("echo hi"), &OutputCallbacks::default())
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "hi\n");
+    let pids = qemu_pids();
+    assert_eq!(pids.len(), 1, "one QEMU");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let ids = |key: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(ids("Uid:"), vec![user.uid; 4], "{status}");
+    assert_eq!(ids("Gid:"), vec![user.gid; 4], "{status}");
+    assert!(
+        ids("Groups:").is_empty(),
+        "no supplementary groups: {status}"
+    );
+    let vm_dir = std::fs::read_dir(work_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("vm-"))
+        .unwrap()
+        .path();
+    let md = std::fs::metadata(&vm_dir).unwrap();
+    assert_eq!((md.mode() & 0o777, md.gid()), (0o770, user.gid));
+    // QEMU's sockets are its own and its group's (umask 007); the overlay is shared with
+    // the group, never with others.
+    let mut made_by_qemu = 0;
+    for e in std::fs::read_dir(&vm_dir).unwrap().filter_map(Result::ok) {
+        let md = e.metadata().unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if md.uid() == user.uid {
+            made_by_qemu += 1;
+            assert_eq!((md.mode() & 0o007, md.gid()), (0, user.gid), "{name}");
+        }
+        if name.ends_with(".qcow2") {
+            assert_eq!((md.mode() & 0o777, md.gid()), (0o660, user.gid), "{name}");
+        }
+    }
+    assert!(made_by_qemu >= 2, "QEMU created its agent and QMP sockets");
+    s.close().await;
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,6 +151,19 @@ chown 1000:1000 "$1/home/user"
 chmod 0750 "$1/home/user"
 "#;
 
+/// Customize hook: the interpreters the agent runs REPLs with become execute-only
+/// (0711). The kernel makes a process non-dumpable when it execs a file its user cannot
+/// read (with `fs.suid_dumpable=0`), so every REPL — not only Python, which also calls
+/// `prctl` itself — is non-dumpable: no core dumps, `/proc/<pid>` owned by root, no
+/// ptrace or `/proc/<pid>/mem` access from other uid-1000 processes.
+pub const HOOK_NONDUMP: &str = r#"set -e
+for f in /usr/bin/python3 /usr/bin/node /usr/bin/bash; do
+  t=$(chroot "$1" readlink -f "$f" 2>/dev/null) || continue
+  [ -f "$1$t" ] || continue
+  chmod 0711 "$1$t"
+done
+"#;
+
 /// Customize hook that strips what a read-only sandbox root never uses. Runs last.
 pub const HOOK_STRIP: &str = r#"set -e
 R="$1"
@@ -258,6 +271,7 @@ pub fn mmdebstrap_args(image: Image, root: &Path, agent: &Path, debs: &Path) -> 
         "--customize-hook=install -D -o root -g root -m 0555 {} \"$1\"/usr/local/bin/sbx-agent",
         sh_quote(&agent.display().to_string())
     ));
+    a.push(format!("--customize-hook={HOOK_NONDUMP}"));
     a.push(format!("--customize-hook={HOOK_STRIP}"));
     a.push(SUITE.to_owned());
     a.push(root.display().to_string());

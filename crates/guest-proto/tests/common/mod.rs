@@ -110,13 +110,24 @@ pub fn dir_entry() -> impl Strategy<Value = DirEntry> {
 
 pub fn guest_message() -> impl Strategy<Value = GuestMessage> {
     prop_oneof![
-        (any::<u8>(), text(), option::of(any::<u64>())).prop_map(
-            |(protocol_version, agent_version, boot_ms)| GuestMessage::Pong {
-                protocol_version,
-                agent_version,
-                boot_ms,
-            }
-        ),
+        (
+            any::<u8>(),
+            text(),
+            option::of(any::<u64>()),
+            option::of(any::<u64>()),
+            option::of(any::<u64>())
+        )
+            .prop_map(
+                |(protocol_version, agent_version, boot_ms, setup_us, crng_reseeds)| {
+                    GuestMessage::Pong {
+                        protocol_version,
+                        agent_version,
+                        boot_ms,
+                        setup_us,
+                        crng_reseeds,
+                    }
+                }
+            ),
         data().prop_map(GuestMessage::Stdout),
         data().prop_map(GuestMessage::Stderr),
         (any::<i32>(), any::<u64>(), option::of(any::<u64>())).prop_map(
