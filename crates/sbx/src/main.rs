@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use sandbox_core::{
     Error, ErrorKind, ExecRequest, ExecutionResult, Language, OutputCallbacks, PortMapping,
-    RunOptions, RunRequest, SessionRequest,
+    PortProtocol, RunOptions, RunRequest, SessionRequest,
 };
 use sbx::{Sbx, SbxConfig};
 use serde_json::json;
@@ -89,7 +89,7 @@ struct RunArgs {
     /// Allowed domain, with its subdomains (repeatable; implies --network).
     #[arg(long = "allow-domain")]
     allow_domain: Vec<String>,
-    /// Expose a guest port: INTERNAL[:EXTERNAL][/tcp|udp] (repeatable).
+    /// Expose a guest port on 127.0.0.1: INTERNAL[:EXTERNAL][/tcp] (repeatable; TCP only).
     #[arg(long)]
     expose: Vec<String>,
 }
@@ -340,8 +340,16 @@ async fn cmd_run(args: RunArgs) -> i32 {
     let mut expose = Vec::new();
     for e in &args.expose {
         match e.parse::<PortMapping>() {
+            // The network proxy forwards TCP only; say so now rather than after a VM
+            // has been set up for it.
+            Ok(p) if p.protocol == PortProtocol::Udp => {
+                return usage(format!(
+                    "--expose {e:?}: UDP forwards are not implemented (TCP only: \
+                     INTERNAL[:EXTERNAL][/tcp])"
+                ));
+            }
             Ok(p) => expose.push(p),
-            Err(err) => return usage(err.message()),
+            Err(err) => return usage(format!("--expose: {}", err.message())),
         }
     }
     if (!args.upload.is_empty() || !args.download.is_empty()) && sources.len() != 1 {

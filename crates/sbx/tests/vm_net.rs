@@ -29,8 +29,10 @@ fn config(network: Option<ProxyConfig>) -> SbxConfig {
     cfg.scheduler.warm_pool_size = 0;
     cfg.network = network;
     let assets = sandbox_core::GuestAssets::in_dir(&cfg.assets_dir);
-    if let Err(e) = assets.check(Language::Python) {
-        panic!("VM tests opted in but assets are missing ({e}); run `cargo xtask assets`");
+    for lang in [Language::Python, Language::Javascript] {
+        if let Err(e) = assets.check(lang) {
+            panic!("VM tests opted in but assets are missing ({e}); run `cargo xtask assets`");
+        }
     }
     cfg
 }
@@ -75,8 +77,31 @@ fn aliased_test_proxy(names: &[&str], tls_port: u16) -> ProxyConfig {
     }
 }
 
+/// A public resolver, for the "8.8.8.8:53 is blocked" checks.
+const PUBLIC_DNS: Ipv4Addr = Ipv4Addr::new(8, 8, 8, 8);
+
+/// `cfg`, with [`PUBLIC_DNS`] connected to the host's loopback (same port) instead of
+/// the real address: even if a policy check wrongly let a guest connection to it through,
+/// nothing outside this machine would be contacted. The guest would then see an accepted
+/// connection followed by a reset, never a refused SYN, so the tests below can tell the
+/// two apart.
+fn never_external(mut cfg: ProxyConfig) -> ProxyConfig {
+    cfg.upstream_aliases.insert(PUBLIC_DNS, Ipv4Addr::LOCALHOST);
+    cfg.allow_loopback_upstreams = true;
+    cfg
+}
+
 async fn run_py(sbx: &Sbx, code: &str, net: impl FnOnce(&mut RunRequest)) -> ExecutionResult {
-    let mut req = RunRequest::new(Language::Python, code);
+    run_code(sbx, Language::Python, code, net).await
+}
+
+async fn run_code(
+    sbx: &Sbx,
+    lang: Language,
+    code: &str,
+    net: impl FnOnce(&mut RunRequest),
+) -> ExecutionResult {
+    let mut req = RunRequest::new(lang, code);
     req.timeout_secs = 60;
     net(&mut req);
     let r = sbx
@@ -118,12 +143,51 @@ fn assert_lines(out: &str, want: &[&str]) {
 
 /// Python helpers the guest code below uses: `probe_connect(host, port)` prints
 /// `connect HOST:PORT ok` or `connect HOST:PORT fail <ErrorClass>`; `probe_dns(name)` prints
-/// `dns NAME ADDR` or `dns NAME fail`.
+/// `dns NAME ADDR` or `dns NAME fail`. `probe_udp_dns(server, name)` and
+/// `probe_tcp_dns(server, name)` send one A query for `name` straight to `server` port 53
+/// (no resolver library in between) and print `udp|tcp SERVER:53 NAME rcode R answers N`
+/// or `udp|tcp SERVER:53 NAME fail <ErrorClass>` (a refused datagram, a refused connection
+/// or no answer within 3 s).
 /// (The guest kernel has IPv6 with SIT built in, so a down `sit0` always exists; the
 /// listings below leave it out.)
 const PY_PROBES: &str = r#"
-import os, socket, time
+import os, random, socket, struct, time
 socket.setdefaulttimeout(3)
+
+def dns_query(name):
+    head = struct.pack(">HHHHHH", random.randrange(1 << 16), 0x0100, 1, 0, 0, 0)
+    labels = b"".join(bytes([len(l)]) + l.encode() for l in name.split("."))
+    return head + labels + b"\0" + struct.pack(">HH", 1, 1)
+
+def dns_summary(reply):
+    return f"rcode {reply[3] & 15} answers {struct.unpack('>H', reply[6:8])[0]}"
+
+def probe_udp_dns(server, name):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    try:
+        s.connect((server, 53))
+        s.send(dns_query(name))
+        print(f"udp {server}:53 {name} " + dns_summary(s.recv(512)))
+    except OSError as e:
+        print(f"udp {server}:53 {name} fail {type(e).__name__}")
+    finally:
+        s.close()
+
+def probe_tcp_dns(server, name):
+    try:
+        with socket.create_connection((server, 53), timeout=3) as s:
+            q = dns_query(name)
+            s.sendall(struct.pack(">H", len(q)) + q)
+            reply = b""
+            while len(reply) < 2 or len(reply) < 2 + struct.unpack(">H", reply[:2])[0]:
+                chunk = s.recv(512)
+                if not chunk:
+                    raise ConnectionAbortedError("EOF")
+                reply += chunk
+            print(f"tcp {server}:53 {name} " + dns_summary(reply[2:]))
+    except OSError as e:
+        print(f"tcp {server}:53 {name} fail {type(e).__name__}")
 
 def probe_connect(host, port):
     try:
@@ -210,7 +274,7 @@ async fn http_get(port: u16, path: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs QEMU and guest assets: cargo xtask itest"]
 async fn ports_only_forwards_into_the_guest_and_blocks_outbound() {
-    let sbx = sbx(None).await;
+    let sbx = sbx(Some(never_external(ProxyConfig::default()))).await;
     let mut req = SessionRequest::new(Language::Python);
     req.network.expose_ports = vec![PortMapping::tcp(8000)];
     let s = sbx
@@ -322,6 +386,10 @@ probe_dns("localhost")
 probe_connect("192.168.127.1", 80)
 probe_connect("192.168.127.1", 8000)
 probe_connect("192.168.127.3", 443)
+probe_udp_dns("192.168.127.1", "allowed.test")
+probe_tcp_dns("192.168.127.1", "allowed.test")
+probe_udp_dns("8.8.8.8", "allowed.test")
+probe_tcp_dns("8.8.8.8", "allowed.test")
 "#
         ),
     )
@@ -333,13 +401,19 @@ probe_connect("192.168.127.3", 443)
             "dns localhost 127.0.0.1",
             "connect 192.168.127.1:80 fail ConnectionRefusedError",
             "connect 192.168.127.1:8000 fail ConnectionRefusedError",
+            // The gateway's DNS answers, over UDP and TCP, and refuses every name.
+            "udp 192.168.127.1:53 allowed.test rcode 5 answers 0",
+            "tcp 192.168.127.1:53 allowed.test rcode 5 answers 0",
+            // A public resolver is refused at the SYN, not accepted and then reset.
+            "tcp 8.8.8.8:53 allowed.test fail ConnectionRefusedError",
         ],
     );
-    assert!(
-        r.stdout.contains("connect 192.168.127.3:443 fail"),
-        "{}",
-        r.stdout
-    );
+    for want in [
+        "connect 192.168.127.3:443 fail",
+        "udp 8.8.8.8:53 allowed.test fail",
+    ] {
+        assert!(r.stdout.contains(want), "missing {want:?} in\n{}", r.stdout);
+    }
     s.close().await;
 
     // A one-shot run reports its forwards too, and a networked boot is not slower.
@@ -353,8 +427,14 @@ probe_connect("192.168.127.3", 443)
     sbx.stop().await;
 }
 
+/// What [`hello_server`] answers after reading the first bytes: a guest that receives it
+/// reached the upstream.
+const UPSTREAM_MARK: &str = "upstream-saw-you";
+
 /// A TLS-ish upstream on the host's loopback: accepts, reads the first bytes (a
-/// ClientHello) and reports them, then closes.
+/// ClientHello) and reports them, answers [`UPSTREAM_MARK`] (not TLS), then closes. The
+/// report is sent before the answer, so once a guest has read the mark, its connection is
+/// in the channel.
 async fn hello_server() -> (u16, mpsc::UnboundedReceiver<Vec<u8>>) {
     let l = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let port = l.local_addr().unwrap().port();
@@ -371,6 +451,9 @@ async fn hello_server() -> (u16, mpsc::UnboundedReceiver<Vec<u8>>) {
                     .unwrap_or(0);
                 buf.truncate(n);
                 let _ = tx.send(buf);
+                let _ = sock
+                    .write_all(format!("{UPSTREAM_MARK}\n").as_bytes())
+                    .await;
             });
         }
     });
@@ -496,6 +579,250 @@ probe_connect("allowed.test", 80)
     assert!(
         accepted.try_recv().is_err(),
         "only the TLS connection reached the upstream"
+    );
+    sbx.stop().await;
+}
+
+/// Where the hello probes below point when a name "resolves elsewhere".
+const ELSEWHERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// An address no DNS answer ever contains.
+const NEVER_RESOLVED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+
+/// Python helper: `probe_hello(label, addr, port, sni)` opens a TCP connection, sends a real
+/// ClientHello carrying `sni` (none when `None`; or `payload` instead) and prints
+/// `hello LABEL reached <what the upstream answered>`, `hello LABEL refused <ErrorClass|EOF>`
+/// (the connection was accepted, then reset or closed without a byte), or
+/// `hello LABEL connect fail <ErrorClass>` (the SYN was refused).
+const PY_HELLO: &str = r#"
+import ssl
+
+def client_hello(sni):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+def probe_hello(label, addr, port, sni=None, payload=None):
+    if payload is None:
+        payload = client_hello(sni)
+    try:
+        s = socket.create_connection((addr, port), timeout=8)
+    except OSError as e:
+        print(f"hello {label} connect fail {type(e).__name__}")
+        return
+    try:
+        s.sendall(payload)
+        data = s.recv(64)
+        print(f"hello {label} " + (f"reached {data.decode(errors='replace').strip()}" if data else "refused EOF"))
+    except OSError as e:
+        print(f"hello {label} refused {type(e).__name__}")
+    finally:
+        s.close()
+"#;
+
+/// SNI spoofing and domain fronting: a TLS connection to the allowed name's address whose
+/// ClientHello names anything but a name the guest resolved to that very address is reset
+/// by the proxy and never reaches the upstream; the honest connections of the same VM do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn allowlist_refuses_sni_spoofing_and_fronting() {
+    let (port, mut accepted) = hello_server().await;
+    let mut resolver = StaticResolver::new();
+    resolver.insert("allowed.test", &[STAND_IN]);
+    resolver.insert("cdn.allowed.test", &[ELSEWHERE]);
+    resolver.insert("api.allowed.test", &[ELSEWHERE]);
+    // Not allowed, although the host resolves it to the allowed name's very address: the
+    // classic fronting set-up.
+    resolver.insert("denied.test", &[STAND_IN]);
+    let cfg = ProxyConfig {
+        resolver: Arc::new(resolver),
+        // Every stand-in leads to the test's upstream: a connection the policy wrongly let
+        // through would show up there.
+        upstream_aliases: [STAND_IN, ELSEWHERE, NEVER_RESOLVED]
+            .into_iter()
+            .map(|a| (a, Ipv4Addr::LOCALHOST))
+            .collect(),
+        ..test_proxy(&[], port)
+    };
+    let sbx = sbx(Some(cfg)).await;
+    let code = format!(
+        "{PY_PROBES}\n{PY_HELLO}\nPORT = {port}\n{}",
+        r#"
+probe_dns("allowed.test")
+probe_dns("cdn.allowed.test")
+probe_dns("denied.test")
+probe_hello("honest", "198.18.0.1", PORT, "allowed.test")
+probe_hello("sni-not-allowed", "198.18.0.1", PORT, "denied.test")
+probe_hello("sni-resolved-elsewhere", "198.18.0.1", PORT, "cdn.allowed.test")
+probe_hello("sni-never-resolved", "198.18.0.1", PORT, "api.allowed.test")
+probe_hello("no-sni", "198.18.0.1", PORT, None)
+probe_hello("not-tls", "198.18.0.1", PORT, payload=b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+probe_hello("ip-fronting", "198.18.0.3", PORT, "allowed.test")
+probe_hello("honest-elsewhere", "198.18.0.2", PORT, "cdn.allowed.test")
+"#
+    );
+    let r = run_py(&sbx, &code, allowlist).await;
+    assert_lines(
+        &r.stdout,
+        &[
+            &format!("dns allowed.test {STAND_IN}"),
+            &format!("dns cdn.allowed.test {ELSEWHERE}"),
+            "dns denied.test fail",
+            &format!("hello honest reached {UPSTREAM_MARK}"),
+            &format!("hello honest-elsewhere reached {UPSTREAM_MARK}"),
+            // An address DNS never returned is refused at the SYN, whatever the SNI says.
+            "hello ip-fronting connect fail ConnectionRefusedError",
+        ],
+    );
+    // The proxy accepts the TCP connection to a resolved address, reads the ClientHello,
+    // and resets it at once (well before the probe's own 8 s timeout).
+    for label in [
+        "sni-not-allowed",
+        "sni-resolved-elsewhere",
+        "sni-never-resolved",
+        "no-sni",
+        "not-tls",
+    ] {
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("hello {label} ")))
+            .unwrap_or_else(|| panic!("no result for {label} in\n{}", r.stdout));
+        assert!(
+            line == format!("hello {label} refused ConnectionResetError")
+                || line == format!("hello {label} refused EOF"),
+            "{line}\n{}",
+            r.stdout
+        );
+    }
+    // Exactly the two honest connections reached the upstream (each was reported before
+    // the guest could read the mark, so nothing is still on its way).
+    let mut snis = Vec::new();
+    while let Ok(hello) = accepted.try_recv() {
+        snis.push(parse_client_hello(&hello));
+    }
+    assert_eq!(
+        snis,
+        [
+            SniOutcome::Sni("allowed.test".into()),
+            SniOutcome::Sni("cdn.allowed.test".into()),
+        ],
+        "guest said:\n{}",
+        r.stdout
+    );
+    sbx.stop().await;
+}
+
+/// A public resolver is out of reach in allowlist mode: DNS to 8.8.8.8 over UDP gets no
+/// answer and over TCP a refused SYN, also once an allowed name resolved to 8.8.8.8 (then
+/// only TLS on the TLS ports would be let through). The gateway's own DNS answers the same
+/// queries, so the probes themselves work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn allowlist_blocks_public_dns_over_udp_and_tcp() {
+    let mut resolver = StaticResolver::new();
+    resolver.insert("allowed.test", &[STAND_IN]);
+    resolver.insert("dns.allowed.test", &[PUBLIC_DNS]);
+    let cfg = never_external(ProxyConfig {
+        resolver: Arc::new(resolver),
+        connect_timeout: Duration::from_secs(3),
+        sni_timeout: Duration::from_secs(3),
+        ..ProxyConfig::default()
+    });
+    let sbx = sbx(Some(cfg)).await;
+    let code = format!(
+        "{PY_PROBES}\n{}",
+        r#"
+probe_udp_dns("192.168.127.1", "allowed.test")
+probe_tcp_dns("192.168.127.1", "allowed.test")
+probe_udp_dns("8.8.8.8", "allowed.test")
+probe_tcp_dns("8.8.8.8", "allowed.test")
+probe_connect("8.8.8.8", 443)
+probe_dns("dns.allowed.test")
+probe_udp_dns("8.8.8.8", "dns.allowed.test")
+probe_tcp_dns("8.8.8.8", "dns.allowed.test")
+"#
+    );
+    let r = run_py(&sbx, &code, allowlist).await;
+    assert_lines(
+        &r.stdout,
+        &[
+            "udp 192.168.127.1:53 allowed.test rcode 0 answers 1",
+            "tcp 192.168.127.1:53 allowed.test rcode 0 answers 1",
+            // Not an address filtered DNS returned: the SYN is refused.
+            "tcp 8.8.8.8:53 allowed.test fail ConnectionRefusedError",
+            "connect 8.8.8.8:443 fail ConnectionRefusedError",
+            // Now it is one, but port 53 is not a TLS port: refused all the same.
+            "dns dns.allowed.test 8.8.8.8",
+            "tcp 8.8.8.8:53 dns.allowed.test fail ConnectionRefusedError",
+        ],
+    );
+    for name in ["allowed.test", "dns.allowed.test"] {
+        let want = format!("udp 8.8.8.8:53 {name} fail");
+        assert!(
+            r.stdout.contains(&want),
+            "missing {want:?} in\n{}",
+            r.stdout
+        );
+    }
+    sbx.stop().await;
+}
+
+/// Node in the JavaScript image reaches the allowed name over TLS: `tls.connect` resolves
+/// it through the gateway, connects to the stand-in and its ClientHello, SNI included,
+/// arrives at the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn allowlist_reaches_the_allowed_tls_name_from_node() {
+    let (port, mut accepted) = hello_server().await;
+    let sbx = sbx(Some(aliased_test_proxy(&["allowed.test"], port))).await;
+    let code = r#"
+const dns = require('dns');
+const tls = require('tls');
+const looked = await new Promise((resolve) =>
+  dns.lookup('allowed.test', { family: 4 }, (err, addr) => resolve(err ? 'fail ' + err.code : addr)));
+console.log('dns allowed.test ' + looked);
+const ended = await new Promise((resolve) => {
+  const s = tls.connect({ host: 'allowed.test', port: PORT, servername: 'allowed.test', rejectUnauthorized: false });
+  s.setTimeout(10000, () => s.destroy(new Error('timeout')));
+  s.on('connect', () => console.log('tcp connected ' + s.remoteAddress));
+  s.on('secureConnect', () => { s.destroy(); resolve('tls established'); });
+  s.on('error', (e) => resolve('tls ended ' + (e.code || e.message)));
+  s.on('close', () => resolve('tls closed'));
+});
+console.log(ended);
+"#
+    .replace("PORT", &port.to_string());
+    let r = run_code(&sbx, Language::Javascript, &code, allowlist).await;
+    let hello = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("the upstream saw no connection; guest said:\n{}", r.stdout));
+    assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record");
+    assert_eq!(
+        parse_client_hello(&hello),
+        SniOutcome::Sni("allowed.test".into()),
+        "node's ClientHello, forwarded as is"
+    );
+    assert_lines(
+        &r.stdout,
+        &[
+            &format!("dns allowed.test {STAND_IN}"),
+            &format!("tcp connected {STAND_IN}"),
+        ],
+    );
+    // The upstream answers plain text, which ends node's handshake.
+    assert!(r.stdout.contains("tls ended"), "{}", r.stdout);
+    assert!(
+        accepted.try_recv().is_err(),
+        "one connection, one ClientHello"
     );
     sbx.stop().await;
 }
