@@ -204,6 +204,22 @@ async fn input_errors_have_kinds_and_statuses() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     let (s, _) = error_of(send(r#"{"code": "1", "language": "cobol"}"#).await.unwrap()).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    // Only TCP is forwarded: UDP (or anything else) is refused before any VM work.
+    for proto in ["udp", "sctp"] {
+        let body = format!(
+            r#"{{"code": "1", "expose_ports": [{{"internal": 53, "protocol": "{proto}"}}]}}"#
+        );
+        let r = h
+            .post("/v1/run")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (s, e) = error_of(r).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{proto}: {e}");
+        assert!(e["message"].as_str().unwrap().contains("tcp"), "{e}");
+    }
     let (s, e) = error_of(send(r#"{"code": "1", "timeout": 0}"#).await.unwrap()).await;
     assert_eq!(
         (s, e["field"].as_str()),

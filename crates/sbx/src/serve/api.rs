@@ -56,9 +56,18 @@ pub struct PortRequest {
     /// Host port (1024–65535); omitted: chosen by the OS.
     #[serde(default)]
     pub external: Option<u16>,
-    /// `tcp` (default) or `udp`.
+    /// `tcp`, the default and the only protocol forwarded (anything else is a 422).
     #[serde(default)]
-    pub protocol: Option<String>,
+    pub protocol: ApiPortProtocol,
+}
+
+/// Forwarded protocols: TCP only (the network proxy has no UDP forwards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiPortProtocol {
+    /// TCP.
+    #[default]
+    Tcp,
 }
 
 impl PortRequest {
@@ -66,9 +75,8 @@ impl PortRequest {
         PortMapping {
             internal: self.internal,
             external: self.external,
-            protocol: match self.protocol.as_deref() {
-                Some(p) if p.eq_ignore_ascii_case("udp") => PortProtocol::Udp,
-                _ => PortProtocol::Tcp,
+            protocol: match self.protocol {
+                ApiPortProtocol::Tcp => PortProtocol::Tcp,
             },
         }
     }
