@@ -222,7 +222,7 @@ impl Access {
 
 /// Which of `paths` `user` cannot access as required, checked by the kernel itself:
 /// `access(2)` in a child running as the user and its primary group only (as QEMU runs
-/// under `unshare --setuid --setgid`), so ancestors' permissions and ACLs all count.
+/// under `setpriv --clear-groups`), so ancestors' permissions and ACLs all count.
 /// Needs root (or CAP_SETUID/CAP_SETGID).
 pub async fn access_gaps(
     user: &UserAccount,

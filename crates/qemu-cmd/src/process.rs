@@ -124,17 +124,24 @@ impl ProcessConfig {
         if wrap.net {
             args.push("--net".into());
         }
+        args.push("--".into());
         if let Some(r) = self.run_as {
-            // unshare needs its privileges to create the namespaces; it drops to the
-            // user (and clears supplementary groups) just before exec'ing QEMU.
+            // unshare needs its privileges to create the namespaces. The switch to the
+            // user happens in `setpriv` (util-linux, beside unshare) just before QEMU:
+            // changing credentials clears the parent-death signal, so `unshare --setuid`
+            // would lose `--kill-child`; setpriv sets it again after the switch.
             args.extend([
-                "--setgid".into(),
-                r.gid.to_string().into(),
-                "--setuid".into(),
+                wrap.program.with_file_name("setpriv").into_os_string(),
+                "--reuid".into(),
                 r.uid.to_string().into(),
+                "--regid".into(),
+                r.gid.to_string().into(),
+                "--clear-groups".into(),
+                "--pdeathsig".into(),
+                "KILL".into(),
+                "--".into(),
             ]);
         }
-        args.push("--".into());
         args.push(self.program.clone().into_os_string());
         args.extend(self.args.iter().cloned());
         (wrap.program.clone(), args)
@@ -696,8 +703,9 @@ mod tests {
         let line = crate::command::render_argv(prog.as_os_str(), &args);
         assert_eq!(
             line,
-            "/usr/bin/unshare --pid --mount --ipc --uts --fork --kill-child --net \
-             --setgid 991 --setuid 990 -- /usr/bin/qemu-system-x86_64 -S"
+            "/usr/bin/unshare --pid --mount --ipc --uts --fork --kill-child --net -- \
+             /usr/bin/setpriv --reuid 990 --regid 991 --clear-groups --pdeathsig KILL -- \
+             /usr/bin/qemu-system-x86_64 -S"
         );
     }
 }

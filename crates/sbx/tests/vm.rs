@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,20 +16,10 @@ use sandbox_core::{
 use sbx::Sbx;
 
 mod common;
-use common::{config, qemu_count, qemu_pids, wait_no_qemu, work_dir};
+use common::{config, qemu_count, qemu_pids, vm_dirs, wait_no_qemu, work_dir};
 
 async fn sbx(warm: usize) -> Sbx {
     Sbx::start(config(warm)).await.expect("sbx starts")
-}
-
-fn vm_dirs(work: &Path) -> usize {
-    std::fs::read_dir(work)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 async fn run(sbx: &Sbx, lang: Language, code: &str) -> sandbox_core::ExecutionResult {
@@ -254,20 +243,19 @@ sleep 5 & echo "child-owner $(stat -c %u /proc/$!/status)"; kill $!
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
     // The Python and JavaScript REPLs are non-dumpable too.
-    let r = run(
-        &sbx,
-        Language::Python,
-        "import os; print(os.stat(f'/proc/{os.getpid()}/status').st_uid)",
-    )
-    .await;
-    assert_eq!(r.stdout, "0\n", "python: {r:?}");
-    let r = run(
-        &sbx,
-        Language::Javascript,
-        "console.log(require('fs').statSync(`/proc/${process.pid}/status`).uid)",
-    )
-    .await;
-    assert_eq!(r.stdout, "0\n", "javascript: {r:?}");
+    for (lang, code) in [
+        (
+            Language::Python,
+            "import os; print(os.stat(f'/proc/{os.getpid()}/status').st_uid)",
+        ),
+        (
+            Language::Javascript,
+            "console.log(require('fs').statSync(`/proc/${process.pid}/status`).uid)",
+        ),
+    ] {
+        let r = run(&sbx, lang, code).await;
+        assert_eq!(r.stdout, "0\n", "{lang}: {r:?}");
+    }
     // Zombies are reaped: an orphaned child that exits does not linger.
     let r = run(
         &sbx,

@@ -13,12 +13,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{wait_no_qemu, work_dir};
+use common::{vm_dirs, wait_no_qemu, work_dir};
 
 /// The CLI with this binary's work dir, logs as given by `log` (errors only by default).
 fn sbx_cli(log: &str) -> Command {
@@ -28,17 +28,6 @@ fn sbx_cli(log: &str) -> Command {
         .env("SBX_WORK_DIR", work_dir())
         .env_remove("SBX_WARM_POOL");
     c
-}
-
-/// VM work dirs left in `work`.
-fn vm_dirs(work: &Path) -> usize {
-    std::fs::read_dir(work)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 /// Nothing of the run is left: no QEMU, no VM work dir.

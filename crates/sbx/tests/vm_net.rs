@@ -518,6 +518,33 @@ probe_connect("192.168.127.1", 443)
     sbx.stop().await;
 }
 
+/// The upstream received one TLS ClientHello for `allowed.test`, forwarded as the guest
+/// sent it, and the guest (whose output is `stdout`) resolved and connected to the
+/// stand-in.
+async fn assert_reached_allowed_test(
+    accepted: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+    stdout: &str,
+) {
+    let hello = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("the upstream saw no connection; guest said:\n{stdout}"));
+    assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record");
+    assert_eq!(
+        parse_client_hello(&hello),
+        SniOutcome::Sni("allowed.test".into()),
+        "the guest's ClientHello, forwarded as is"
+    );
+    assert_lines(
+        stdout,
+        &[
+            &format!("dns allowed.test {STAND_IN}"),
+            &format!("tcp connected {STAND_IN}"),
+        ],
+    );
+}
+
 /// The allowed name's upstream on the host's loopback is reached over TLS (SNI checked),
 /// and port 80 of the same name is refused.
 ///
@@ -550,25 +577,8 @@ probe_connect("allowed.test", 80)
 "#
     );
     let r = run_py(&sbx, &code, allowlist).await;
-    let hello = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("the upstream saw no connection; guest said:\n{}", r.stdout));
-    assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record");
-    assert_eq!(
-        parse_client_hello(&hello),
-        SniOutcome::Sni("allowed.test".into()),
-        "the guest's ClientHello, forwarded as is"
-    );
     // The guest only ever sees the stand-in; the upstream closing ends the handshake.
-    assert_lines(
-        &r.stdout,
-        &[
-            &format!("dns allowed.test {STAND_IN}"),
-            &format!("tcp connected {STAND_IN}"),
-        ],
-    );
+    assert_reached_allowed_test(&mut accepted, &r.stdout).await;
     assert!(r.stdout.contains("tls ended"), "{}", r.stdout);
     // Plain HTTP to the allowed name is refused, and never reaches the upstream.
     assert!(
@@ -800,24 +810,7 @@ console.log(ended);
 "#
     .replace("PORT", &port.to_string());
     let r = run_code(&sbx, Language::Javascript, &code, allowlist).await;
-    let hello = tokio::time::timeout(Duration::from_secs(10), accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("the upstream saw no connection; guest said:\n{}", r.stdout));
-    assert_eq!(hello.first(), Some(&0x16), "a TLS handshake record");
-    assert_eq!(
-        parse_client_hello(&hello),
-        SniOutcome::Sni("allowed.test".into()),
-        "node's ClientHello, forwarded as is"
-    );
-    assert_lines(
-        &r.stdout,
-        &[
-            &format!("dns allowed.test {STAND_IN}"),
-            &format!("tcp connected {STAND_IN}"),
-        ],
-    );
+    assert_reached_allowed_test(&mut accepted, &r.stdout).await;
     // The upstream answers plain text, which ends node's handshake.
     assert!(r.stdout.contains("tls ended"), "{}", r.stdout);
     assert!(

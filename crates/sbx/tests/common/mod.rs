@@ -58,6 +58,17 @@ pub fn qemu_count() -> usize {
     qemu_pids().len()
 }
 
+/// VM work dirs left in `work`.
+pub fn vm_dirs(work: &Path) -> usize {
+    std::fs::read_dir(work)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("vm-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Waits (bounded) until no sbx QEMU runs; returns how many are left.
 pub fn wait_no_qemu() -> usize {
     let deadline = Instant::now() + Duration::from_secs(10);
