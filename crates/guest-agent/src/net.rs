@@ -1,13 +1,13 @@
 //! Guest side of the VM network (PID 1 only): `eth0`, the default route and DNS.
 //!
-//! The host's network proxy (crate `netproxy`) appends `sbx.net=ADDR/PREFIX,GATEWAY` to the
+//! The host's network proxy (crate `netproxy`) appends `sbx.net=ADDR/PREFIX,GATEWAY[,MTU]` to the
 //! kernel command line when a VM has a network (`sbx.net=192.168.127.2/24,192.168.127.1`).
 //! [`configure_from_cmdline`] then:
 //!
 //! 1. waits (≤ 2 s, polling `/sys/class/net/eth0` with 1 → 50 ms backoff) for the
 //!    virtio-net device, which the kernel has normally probed before PID 1 starts;
-//! 2. sets the address and netmask (`SIOCSIFADDR`, `SIOCSIFNETMASK`), MTU 1500
-//!    (`SIOCSIFMTU`) and brings `eth0` up (`SIOCSIFFLAGS`, `IFF_UP | IFF_RUNNING`);
+//! 2. sets the address and netmask (`SIOCSIFADDR`, `SIOCSIFNETMASK`), the MTU
+//!    (`SIOCSIFMTU`; the optional third field of `sbx.net=`, else 1500) and brings `eth0` up (`SIOCSIFFLAGS`, `IFF_UP | IFF_RUNNING`);
 //! 3. adds the default route via `GATEWAY` (`SIOCADDRT`);
 //! 4. mounts a small tmpfs on `/run` (root-owned, 0755, noexec) and writes
 //!    `/run/resolv.conf` with `nameserver GATEWAY` — the read-only root image links
@@ -33,14 +33,17 @@ use tracing::{info, warn};
 pub const CMDLINE_KEY: &str = "sbx.net";
 /// The interface the virtio-net device becomes.
 pub const INTERFACE: &str = "eth0";
-/// IP MTU of the VM network (the proxy's `netproxy::MTU`).
-pub const MTU: i32 = 1500;
+/// IP MTU when `sbx.net=` does not give one.
+pub const DEFAULT_MTU: u16 = 1500;
+/// The MTUs `sbx.net=` may ask for (IPv4's minimum to the largest that fits a 64 KiB
+/// frame on QEMU's stream netdev).
+pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=65520;
 /// Where the resolver configuration goes (`/etc/resolv.conf` links here).
 pub const RESOLV_CONF: &str = "/run/resolv.conf";
 /// Longest wait for `eth0` to appear.
 const IFACE_WAIT: Duration = Duration::from_secs(2);
 
-/// The guest's network settings from `sbx.net=ADDR/PREFIX,GATEWAY`.
+/// The guest's network settings from `sbx.net=ADDR/PREFIX,GATEWAY[,MTU]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestNet {
     /// The guest's address on `eth0`.
@@ -49,6 +52,8 @@ pub struct GuestNet {
     pub prefix: u8,
     /// Default gateway, also the only DNS server.
     pub gateway: Ipv4Addr,
+    /// IP MTU of `eth0` ([`DEFAULT_MTU`] when not given).
+    pub mtu: u16,
 }
 
 impl GuestNet {
@@ -68,7 +73,11 @@ impl GuestNet {
 
 impl fmt::Display for GuestNet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{} via {}", self.addr, self.prefix, self.gateway)
+        write!(
+            f,
+            "{}/{} via {} mtu {}",
+            self.addr, self.prefix, self.gateway, self.mtu
+        )
     }
 }
 
@@ -105,12 +114,29 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Option<GuestNet>, ParseError> {
     value.map(parse_value).transpose()
 }
 
-/// Parses `ADDR/PREFIX,GATEWAY`.
+/// Parses `ADDR/PREFIX,GATEWAY[,MTU]`.
 pub fn parse_value(value: &str) -> Result<GuestNet, ParseError> {
     let bad = |why: String| ParseError(format!("{value:?}: {why}"));
-    let (cidr, gateway) = value
+    let (cidr, rest) = value
         .split_once(',')
-        .ok_or_else(|| bad("want ADDR/PREFIX,GATEWAY".into()))?;
+        .ok_or_else(|| bad("want ADDR/PREFIX,GATEWAY[,MTU]".into()))?;
+    let (gateway, mtu) = match rest.split_once(',') {
+        Some((gateway, mtu)) => {
+            let mtu = mtu
+                .parse::<u16>()
+                .ok()
+                .filter(|m| MTU_RANGE.contains(m))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "MTU {mtu:?} is not {}-{}",
+                        MTU_RANGE.start(),
+                        MTU_RANGE.end()
+                    ))
+                })?;
+            (gateway, mtu)
+        }
+        None => (rest, DEFAULT_MTU),
+    };
     let (addr, prefix) = cidr
         .split_once('/')
         .ok_or_else(|| bad("address has no /PREFIX".into()))?;
@@ -129,6 +155,7 @@ pub fn parse_value(value: &str) -> Result<GuestNet, ParseError> {
         addr,
         prefix,
         gateway,
+        mtu,
     };
     let mask = u32::from(net.netmask());
     if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
@@ -169,7 +196,7 @@ pub fn configure(net: &GuestNet) -> io::Result<()> {
     write_resolv_conf(net)
 }
 
-/// Sets `net`'s address, netmask and MTU 1500 on `name`, brings it up and adds the
+/// Sets `net`'s address, netmask and MTU on `name`, brings it up and adds the
 /// default route via the gateway.
 pub fn configure_interface(name: &str, net: &GuestNet) -> io::Result<()> {
     let sock = inet_socket()?;
@@ -189,7 +216,7 @@ pub fn configure_interface(name: &str, net: &GuestNet) -> io::Result<()> {
         ioctl_ifreq(&sock, libc::SIOCSIFNETMASK, &mut req),
     )?;
     let mut req = ifreq(name)?;
-    req.ifr_ifru.ifru_mtu = MTU;
+    req.ifr_ifru.ifru_mtu = i32::from(net.mtu);
     ctl("SIOCSIFMTU", ioctl_ifreq(&sock, libc::SIOCSIFMTU, &mut req))?;
     ctl("up", interface_up(&sock, name))?;
     ctl("SIOCADDRT", add_default_route(&sock, net.gateway))
@@ -369,6 +396,7 @@ mod tests {
             addr: Ipv4Addr::new(192, 168, 127, 2),
             prefix: 24,
             gateway: Ipv4Addr::new(192, 168, 127, 1),
+            mtu: DEFAULT_MTU,
         }
     }
 
@@ -377,7 +405,12 @@ mod tests {
         let line = format!("console=hvc0 reboot=t quiet {STD} panic=-1\n");
         assert_eq!(parse_cmdline(&line), Ok(Some(std_net())));
         assert_eq!(std_net().netmask(), Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(std_net().to_string(), "192.168.127.2/24 via 192.168.127.1");
+        assert_eq!(
+            std_net().to_string(),
+            "192.168.127.2/24 via 192.168.127.1 mtu 1500"
+        );
+        let jumbo = parse_cmdline("sbx.net=192.168.127.2/24,192.168.127.1,65520").unwrap();
+        assert_eq!(jumbo.map(|n| n.mtu), Some(65520));
     }
 
     #[test]
@@ -417,6 +450,10 @@ mod tests {
             "sbx.net=192.168.127.2/24,192.168.127.2",
             "sbx.net=0.0.0.0/24,0.0.0.1",
             "sbx.net=192.168.127.2/24,192.168.127.1,extra",
+            "sbx.net=192.168.127.2/24,192.168.127.1,575",
+            "sbx.net=192.168.127.2/24,192.168.127.1,65521",
+            "sbx.net=192.168.127.2/24,192.168.127.1,1500,x",
+            "sbx.net=192.168.127.2/24,192.168.127.1,",
         ] {
             let err = parse_cmdline(bad).expect_err(bad);
             assert!(err.to_string().starts_with("bad sbx.net="), "{err}");
@@ -456,14 +493,17 @@ mod tests {
             eprintln!("SBX_NET_TEST_IFACE not set; skipped");
             return;
         };
-        let net = std_net();
+        let net = GuestNet {
+            mtu: 9000,
+            ..std_net()
+        };
         configure_interface(&name, &net).unwrap();
         // (Not /sys/class/net: that shows the namespace sysfs was mounted in.)
         let sock = inet_socket().unwrap();
         let mut req = ifreq(&name).unwrap();
         ioctl_ifreq(&sock, libc::SIOCGIFMTU, &mut req).unwrap();
         // SAFETY: SIOCGIFMTU filled in ifru_mtu.
-        assert_eq!(unsafe { req.ifr_ifru.ifru_mtu }, MTU);
+        assert_eq!(unsafe { req.ifr_ifru.ifru_mtu }, 9000);
         let mut req = ifreq(&name).unwrap();
         ioctl_ifreq(&sock, libc::SIOCGIFFLAGS, &mut req).unwrap();
         // SAFETY: SIOCGIFFLAGS filled in ifru_flags.

@@ -485,6 +485,11 @@ impl Repl {
         let status_code = match (interrupted, status_code, *exited) {
             // The REPL was killed by our signal: no exit code of its own.
             (Some(_), _, Some(ExitKind::Signaled(_))) if dead => None,
+            // The code itself was killed by our signal and the REPL lived long enough to
+            // report that status (bash defers its own SIGTERM until the foreground
+            // command it waits for has ended): still a kill, not a code of its own. A
+            // handler that exits with any other code keeps it.
+            (Some(_), Some(code), _) if killed_by_termination(code) => None,
             (_, code, _) => code,
         };
         RunOutcome {
@@ -505,6 +510,12 @@ impl Drop for Repl {
             process::signal_group(self.pid, Signal::SIGKILL);
         }
     }
+}
+
+/// True for the status a shell reports for a command killed by the termination sequence
+/// (SIGTERM, then SIGKILL).
+fn killed_by_termination(code: i32) -> bool {
+    code == 128 + Signal::SIGTERM as i32 || code == 128 + Signal::SIGKILL as i32
 }
 
 /// Finds the status line for `id` in `buf`; drops complete lines that are not it.

@@ -230,7 +230,8 @@ async fn timeout_kills_nested_process_trees() {
                 p = subprocess.Popen(['bash', '-c', 'sleep 60 & echo $!; wait'], stdout=subprocess.PIPE)\n\
                 print(p.stdout.readline().decode().strip(), flush=True)\n\
                 time.sleep(60)";
-    let r = h.exec_t(PY, code, 1).await;
+    // Timeouts leave room for a REPL start on a loaded machine before the pid is printed.
+    let r = h.exec_t(PY, code, 3).await;
     assert_eq!(r.code(), -1);
     let grandchild: i32 = r.out().trim().parse().unwrap();
     assert!(
@@ -239,7 +240,7 @@ async fn timeout_kills_nested_process_trees() {
     );
     // A child that left the process group (setsid) dies with the tree too.
     let code = "setsid sleep 60 & echo $!; sleep 60";
-    let r = h.exec_t(SH, code, 1).await;
+    let r = h.exec_t(SH, code, 3).await;
     assert_eq!(r.code(), -1);
     let pid: i32 = r.out().trim().parse().unwrap();
     assert!(

@@ -13,11 +13,11 @@
 //! |---|---|
 //! | guest address | [`GUEST_IP`] `192.168.127.2/24` on `eth0` |
 //! | gateway, DNS  | [`GATEWAY_IP`] `192.168.127.1` (UDP and TCP port 53) |
-//! | MTU           | [`MTU`] 1500, IPv4 only (no IPv6, no DHCP) |
+//! | MTU           | [`MTU`] 65520, IPv4 only (no IPv6, no DHCP) |
 //!
-//! The host appends [`guest_kernel_args`] (`sbx.net=192.168.127.2/24,192.168.127.1`) to
-//! the kernel command line. The guest agent parses `sbx.net=ADDR/PREFIX,GATEWAY`, brings
-//! `eth0` up with that address and MTU 1500, adds a default route via `GATEWAY`, and writes
+//! The host appends [`guest_kernel_args`] (`sbx.net=192.168.127.2/24,192.168.127.1,65520`)
+//! to the kernel command line. The guest agent parses `sbx.net=ADDR/PREFIX,GATEWAY[,MTU]`,
+//! brings `eth0` up with that address and MTU, adds a default route via `GATEWAY`, and writes
 //! `/etc/resolv.conf` with `nameserver GATEWAY` (DNS is always the gateway). Without the
 //! parameter the guest leaves `eth0` down. The gateway answers ARP only for its own address
 //! and learns the guest's MAC from its traffic.
@@ -98,8 +98,11 @@ pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 1);
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 2);
 /// Prefix length of the VM network.
 pub const GUEST_PREFIX_LEN: u8 = 24;
-/// IP MTU of the VM network.
-pub const MTU: usize = 1500;
+/// IP MTU of the VM network: the largest whose Ethernet frame (MTU + 14) fits the 64 KiB
+/// frames of QEMU's stream netdev, as passt uses. The stream carries no offloads, so
+/// large frames are what keeps per-packet work (interrupts, syscalls, emulated device
+/// round trips under TCG) off the byte path; the guest learns it from `sbx.net=`.
+pub const MTU: usize = 65520;
 /// The gateway's MAC address (locally administered).
 pub const GATEWAY_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd];
 /// File name of the socket QEMU connects to, inside the VM work dir.
@@ -108,9 +111,10 @@ pub const SOCKET_NAME: &str = "net.sock";
 const MAX_SOCKET_PATH: usize = 107;
 
 /// Kernel command-line parameter that tells the guest agent how to configure `eth0`:
-/// `sbx.net=192.168.127.2/24,192.168.127.1` (address/prefix, gateway; DNS is the gateway).
+/// `sbx.net=192.168.127.2/24,192.168.127.1,65520` (address/prefix, gateway, MTU; DNS is
+/// the gateway).
 pub fn guest_kernel_args() -> String {
-    format!("sbx.net={GUEST_IP}/{GUEST_PREFIX_LEN},{GATEWAY_IP}")
+    format!("sbx.net={GUEST_IP}/{GUEST_PREFIX_LEN},{GATEWAY_IP},{MTU}")
 }
 
 /// Settings shared by every VM of one [`NetProxy`].
