@@ -310,7 +310,7 @@ print("src", s.getsockname()[0])
         &r.stdout,
         &[
             "ifaces eth0,lo",
-            "mtu 1500",
+            &format!("mtu {}", netproxy::MTU),
             "resolv nameserver 192.168.127.1",
             "default ['eth0']",
             "src 192.168.127.2",
