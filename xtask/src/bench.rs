@@ -53,7 +53,7 @@ impl BenchSize {
     }
 }
 
-fn stats(v: &[u64]) -> Value {
+pub(crate) fn stats(v: &[u64]) -> Value {
     json!({
         "n": v.len(),
         "p50": percentile(v, 50.0),
@@ -62,7 +62,7 @@ fn stats(v: &[u64]) -> Value {
     })
 }
 
-fn ratio(a: u64, b: u64) -> Value {
+pub(crate) fn ratio(a: u64, b: u64) -> Value {
     if b == 0 {
         Value::Null
     } else {
@@ -299,6 +299,13 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
             "baseline_cold_python_p50_ms": cold_py,
             "ratio_p50": ratio(percentile(&hits, 50.0), cold_py),
         }),
+    );
+
+    // Networking: boot cost, forwarded-port throughput, DNS at the proxy.
+    eprintln!("bench: network");
+    report.insert(
+        "network".into(),
+        crate::bench_net::run(&cfg, size.cold).await?,
     );
 
     // Throughput: N runs at concurrency C.

@@ -9,4 +9,5 @@
 pub mod assets;
 pub mod baseline;
 pub mod bench;
+pub mod bench_net;
 pub mod smoke;
