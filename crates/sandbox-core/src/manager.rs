@@ -704,19 +704,35 @@ impl VmManager {
             pids_max: cfg.pids_max,
         };
         let overlay_started = Instant::now();
-        let (overlay, limit_handle) = tokio::join!(
-            async {
-                let r = self.ports.overlays.acquire(base, &work_dir).await;
-                (r, overlay_started.elapsed())
-            },
-            self.ports.limiter.create(vm_id, &limits),
-        );
+        // Each result goes into the guard the moment it arrives (no await in between), so
+        // a cancellation while the other is still pending, or a failure of the other,
+        // never loses what one of them acquired.
+        let (overlay, limit_handle) = {
+            let guard = std::sync::Mutex::new(&mut *teardown);
+            let keep = |f: &dyn Fn(&mut Teardown)| match guard.lock() {
+                Ok(mut g) => f(&mut g),
+                Err(poisoned) => f(&mut poisoned.into_inner()),
+            };
+            tokio::join!(
+                async {
+                    let r = self.ports.overlays.acquire(base, &work_dir).await;
+                    if let Ok(o) = &r {
+                        keep(&|t| t.overlay = Some(o.clone()));
+                    }
+                    (r, overlay_started.elapsed())
+                },
+                async {
+                    let r = self.ports.limiter.create(vm_id, &limits).await;
+                    if let Ok(h) = &r {
+                        keep(&|t| t.limits = Some(h.clone()));
+                    }
+                    r
+                },
+            )
+        };
         let (overlay, overlay_took) = overlay;
-        // Keep whatever succeeded so the guard releases it if the other failed.
-        let overlay_ok = overlay.inspect(|o| teardown.overlay = Some(o.clone()));
-        let limits_ok = limit_handle.inspect(|h| teardown.limits = Some(h.clone()));
-        let overlay = overlay_ok.map_err(|e| e.with_vm(vm_id).with_operation("overlay"))?;
-        let limit_handle = limits_ok.map_err(|e| e.with_vm(vm_id).with_operation("limits"))?;
+        let overlay = overlay.map_err(|e| e.with_vm(vm_id).with_operation("overlay"))?;
+        let limit_handle = limit_handle.map_err(|e| e.with_vm(vm_id).with_operation("limits"))?;
 
         let mut network_attachment = None;
         let mut exposed_ports = Vec::new();

@@ -182,8 +182,21 @@ async fn settle() {
     }
 }
 
-fn assert_all_released(h: &Harness) {
+/// Everything released exactly once: waits (bounded) for teardowns that a loaded machine
+/// may run late, then asserts.
+async fn assert_all_released(h: &Harness) {
     let c = &h.counts;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(c.overlays_acquired.load(Ordering::SeqCst)
+        == c.overlays_released.load(Ordering::SeqCst)
+        && c.limits_created.load(Ordering::SeqCst) == c.limits_removed.load(Ordering::SeqCst)
+        && work_dirs(h) == 0
+        && h.manager.live_count() == 0
+        && h.manager.free_slots() == h.manager.config().max_vms)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         c.overlays_acquired.load(Ordering::SeqCst),
         c.overlays_released.load(Ordering::SeqCst),
@@ -219,7 +232,7 @@ async fn create_and_destroy_releases_everything_once() {
     assert_eq!(vm.state(), VmState::Destroyed);
     assert!(!vm.is_alive());
     assert_eq!(h.counts.kills(), 1);
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -252,7 +265,7 @@ async fn transient_boot_failures_are_retried() {
     );
     assert_eq!(work_dirs(&h), 1);
     vm.destroy().await;
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -275,7 +288,7 @@ async fn retries_are_bounded_and_report_diagnostics() {
     assert!(err.message().contains("fake console"), "{err}");
     assert_eq!(h.counts.launches.load(Ordering::SeqCst), 3);
     settle().await;
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -293,7 +306,7 @@ async fn permanent_failures_are_not_retried() {
     assert!(!err.is_retryable());
     assert_eq!(h.counts.launches.load(Ordering::SeqCst), 1);
     settle().await;
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -326,7 +339,7 @@ async fn overlay_failure_releases_limits() {
     assert_eq!(h.counts.limits_created.load(Ordering::SeqCst), 3);
     assert_eq!(h.counts.launches.load(Ordering::SeqCst), 0);
     settle().await;
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -340,7 +353,7 @@ async fn limits_failure_releases_overlay() {
     assert_eq!(err.kind(), ErrorKind::Permanent(PermanentCause::Host));
     assert_eq!(h.counts.overlays_acquired.load(Ordering::SeqCst), 1);
     settle().await;
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -359,9 +372,8 @@ async fn boot_timeout_kills_the_process() {
     assert!(err.message().contains("fake console"), "{err}");
     // 3 attempts × 300 ms plus small backoff: bounded.
     assert!(started.elapsed() < Duration::from_secs(3));
-    settle().await;
+    assert_all_released(&h).await;
     assert_eq!(h.counts.kills(), 3);
-    assert_all_released(&h);
 }
 
 #[tokio::test]
@@ -370,10 +382,9 @@ async fn cancellation_during_boot_cleans_everything() {
     let fut = h.manager.create_vm(VmOptions::new(Language::Python));
     let r = tokio::time::timeout(Duration::from_millis(100), fut).await;
     assert!(r.is_err(), "should still be booting");
-    settle().await;
+    assert_all_released(&h).await;
     assert_eq!(h.counts.launches.load(Ordering::SeqCst), 1);
     assert_eq!(h.counts.kills(), 1);
-    assert_all_released(&h);
 }
 
 #[tokio::test]
@@ -387,7 +398,7 @@ async fn dropping_a_vm_destroys_it_and_frees_the_slot_once() {
     assert_eq!(h.manager.free_slots(), 0);
     drop(vm);
     settle().await;
-    assert_all_released(&h);
+    assert_all_released(&h).await;
     // The single slot is usable again, exactly once.
     let vm = h
         .manager
@@ -421,7 +432,7 @@ async fn slots_bound_concurrency() {
         .unwrap();
     second.destroy().await;
     settle().await;
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -440,7 +451,7 @@ async fn destroy_all_kills_every_vm() {
     h.manager.destroy_all().await;
     assert!(!a.is_alive() && !b.is_alive());
     assert_eq!(h.counts.kills(), 2);
-    assert_all_released(&h);
+    assert_all_released(&h).await;
 }
 
 #[tokio::test]
@@ -549,4 +560,85 @@ fn stale_work_dirs_of_dead_processes_are_reaped() {
     }
     assert_eq!(crate::manager::reap_stale_work_dirs(dir.path()), 1);
     assert!(mine.exists() && other.exists() && !dead.exists());
+}
+
+/// A limiter whose `create` never finishes: the VM is cancelled while the overlay is
+/// already acquired and the limits are still pending.
+struct StallingLimiter;
+
+#[async_trait::async_trait]
+impl crate::ports::ResourceLimiter for StallingLimiter {
+    async fn create(
+        &self,
+        _vm_id: crate::vm::VmId,
+        _limits: &crate::ports::ResourceLimits,
+    ) -> crate::error::Result<crate::ports::LimitHandle> {
+        futures::future::pending().await
+    }
+
+    async fn attach(&self, _h: &crate::ports::LimitHandle, _pid: u32) -> crate::error::Result<()> {
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        _h: &crate::ports::LimitHandle,
+    ) -> crate::error::Result<crate::ports::ResourceUsage> {
+        Ok(crate::ports::ResourceUsage::default())
+    }
+
+    async fn remove(&self, _h: &crate::ports::LimitHandle) -> crate::error::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn cancellation_between_overlay_and_limits_releases_the_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let counters = Arc::new(crate::testing::FakeCounters::default());
+    let assets = GuestAssets::in_dir(dir.path());
+    for p in [&assets.kernel, &assets.initramfs]
+        .into_iter()
+        .chain(assets.images.values())
+    {
+        std::fs::write(p, b"asset").unwrap();
+    }
+    let ports = Ports {
+        hypervisor: Arc::new(crate::testing::FakeHypervisor(counters.clone())),
+        overlays: Arc::new(crate::testing::FakeOverlays(counters.clone())),
+        limiter: Arc::new(StallingLimiter),
+        network: None,
+        channel: Arc::new(FakeChannel::new(Vec::new())),
+    };
+    let work_root = dir.path().join("work");
+    let cfg = VmManagerConfig::new(assets, work_root.clone(), crate::ports::Accelerator::Tcg);
+    let manager = VmManager::new(cfg, ports);
+    let create = manager.create_vm(VmOptions::new(Language::Python));
+    let acquired = async {
+        while counters.overlays_acquired.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::select! {
+        r = create => panic!("create_vm cannot finish with a stalled limiter: {:?}", r.map(|v| v.id())),
+        () = acquired => {} // create_vm is dropped here, overlay in hand, limits pending
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while counters.overlays_released.load(Ordering::SeqCst) == 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(counters.overlays_acquired.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        counters.overlays_released.load(Ordering::SeqCst),
+        1,
+        "the overlay acquired before the cancellation is released"
+    );
+    assert_eq!(counters.launches.load(Ordering::SeqCst), 0);
+    assert_eq!(manager.free_slots(), manager.config().max_vms);
+    let left = std::fs::read_dir(&work_root)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "work dir removed");
 }

@@ -39,9 +39,28 @@ async fn settle() {
     }
 }
 
-fn assert_clean(h: &H) {
+/// Everything released: waits (bounded) for background teardowns, which a loaded
+/// machine may schedule late, then asserts.
+async fn assert_clean(h: &H) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(h.counters.running() == 0
+        && h.counters.all_released()
+        && h.sched.manager().live_count() == 0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(h.counters.running(), 0, "VMs left running");
-    assert!(h.counters.all_released(), "overlays or limits leaked");
+    assert!(
+        h.counters.all_released(),
+        "overlays or limits leaked: launches {} overlays {}/{} limits {}/{} live {}",
+        h.counters.launches.load(Ordering::SeqCst),
+        h.counters.overlays_acquired.load(Ordering::SeqCst),
+        h.counters.overlays_released.load(Ordering::SeqCst),
+        h.counters.limits_created.load(Ordering::SeqCst),
+        h.counters.limits_removed.load(Ordering::SeqCst),
+        h.sched.manager().live_count()
+    );
     assert_eq!(h.sched.manager().live_count(), 0);
 }
 
@@ -62,7 +81,7 @@ async fn run_executes_and_always_destroys() {
     assert!(r.timing.total_ms >= r.timing.execute_ms);
     assert_eq!(r.cpu_time_ms, Some(3));
     assert_eq!(r.memory_peak_mb, Some(64));
-    assert_clean(&h);
+    assert_clean(&h).await;
 
     // Errors after dispatch: outcome unknown, VM still destroyed.
     let err = h
@@ -74,7 +93,7 @@ async fn run_executes_and_always_destroys() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::OutcomeUnknown);
-    assert_clean(&h);
+    assert_clean(&h).await;
 
     // A timeout is a result, not an error.
     let r = h
@@ -87,7 +106,7 @@ async fn run_executes_and_always_destroys() {
         .unwrap();
     assert_eq!(r.exit_code, -1);
     assert!(r.stderr.contains("Execution timeout"));
-    assert_clean(&h);
+    assert_clean(&h).await;
 }
 
 #[tokio::test]
@@ -114,7 +133,7 @@ async fn cancelled_run_destroys_the_vm() {
     );
     settle().await;
     assert_eq!(h.counters.launches.load(Ordering::SeqCst), 1);
-    assert_clean(&h);
+    assert_clean(&h).await;
 }
 
 #[tokio::test]
@@ -185,7 +204,7 @@ async fn session_keeps_state_and_survives_user_errors() {
     assert_eq!(err.kind(), ErrorKind::SessionClosed);
     s.close().await; // idempotent
     settle().await;
-    assert_clean(&h);
+    assert_clean(&h).await;
 }
 
 #[tokio::test]
@@ -218,7 +237,7 @@ async fn session_closes_on_transport_loss_and_vm_death() {
     assert_eq!(err.kind(), ErrorKind::SessionClosed);
     assert!(s2.is_closed());
     settle().await;
-    assert_clean(&h);
+    assert_clean(&h).await;
 }
 
 #[tokio::test]
@@ -313,7 +332,7 @@ async fn warm_pool_hits_and_refills() {
     assert!(!r.warm_pool_hit);
     h.sched.stop().await;
     settle().await;
-    assert_clean(&h);
+    assert_clean(&h).await;
 }
 
 #[tokio::test]
@@ -374,7 +393,7 @@ async fn stop_destroys_everything_and_refuses_work() {
         .unwrap_err();
     assert!(matches!(err.kind(), ErrorKind::Permanent(_)));
     settle().await;
-    assert_clean(&h);
+    assert_clean(&h).await;
 }
 
 #[test]

@@ -581,11 +581,13 @@ impl crate::ports::OverlayStore for FakeOverlays {
         _base: &std::path::Path,
         work_dir: &std::path::Path,
     ) -> Result<crate::ports::Overlay> {
-        self.0.overlays_acquired.fetch_add(1, Ordering::SeqCst);
         let path = work_dir.join("overlay.qcow2");
         tokio::fs::write(&path, b"overlay")
             .await
             .map_err(|e| Error::transient(TransientCause::Overlay, e.to_string()))?;
+        // Counted once handed out: a cancelled acquire hands out nothing (its file is in
+        // the work dir, which the caller removes).
+        self.0.overlays_acquired.fetch_add(1, Ordering::SeqCst);
         Ok(crate::ports::Overlay { path })
     }
 
