@@ -27,10 +27,18 @@ pub(crate) fn parse_stat(stat: &str) -> Option<(u64, u64)> {
     Some((utime.saturating_add(stime), start))
 }
 
+/// The values of the `key` line (e.g. `Uid:`) of a `/proc/<pid>/status` text.
+pub(crate) fn status_values<'a>(
+    status: &'a str,
+    key: &str,
+) -> Option<std::str::SplitWhitespace<'a>> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    Some(line[key.len()..].split_whitespace())
+}
+
 /// Parses the `VmHWM:` line of `/proc/<pid>/status` into bytes.
 pub(crate) fn parse_vm_hwm(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let mut parts = line["VmHWM:".len()..].split_whitespace();
+    let mut parts = status_values(status, "VmHWM:")?;
     let value: u64 = parts.next()?.parse().ok()?;
     let unit = parts.next().unwrap_or("kB");
     let factor = match unit {

@@ -69,10 +69,8 @@ fn prlimit_as_owner(
 ) -> std::io::Result<libc::rlimit> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let real_id = |key: &str| -> std::io::Result<libc::c_long> {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
+        crate::procfs::status_values(&status, key)
+            .and_then(|mut values| values.next())
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| std::io::Error::other(format!("no {key} in /proc/{pid}/status")))
     };

@@ -202,7 +202,9 @@ pub enum Access {
 }
 
 impl Access {
-    fn test_flags(self) -> &'static str {
+    /// The permission letters (`r`, `rw`, `x`), as `test(1)` checks them and `setfacl`
+    /// grants them.
+    pub fn letters(self) -> &'static str {
         match self {
             Self::Read => "r",
             Self::ReadWrite => "rw",
@@ -244,7 +246,7 @@ done"#;
     let mut cmd = tokio::process::Command::new("/bin/sh");
     cmd.arg("-c").arg(SCRIPT).arg("sh");
     for (path, access) in paths {
-        cmd.arg(access.test_flags()).arg(path);
+        cmd.arg(access.letters()).arg(path);
     }
     cmd.uid(user.uid)
         .gid(user.gid)

@@ -226,6 +226,18 @@ impl Session {
         err
     }
 
+    /// Runs one operation on the session's VM while holding the session's guard; an
+    /// error goes through [`Session::after_error`] (which may close the session).
+    async fn on_vm<T>(&self, op: impl AsyncFnOnce(&Vm) -> Result<T>) -> Result<T> {
+        let (vm, _activity) = self.guard().await?;
+        let r = op(&vm).await;
+        drop(vm);
+        match r {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.after_error(e).await),
+        }
+    }
+
     /// Runs code in the session's REPL.
     pub async fn exec(
         &self,
@@ -262,13 +274,9 @@ impl Session {
     where
         R: AsyncRead + Unpin + Send + ?Sized,
     {
-        let (vm, _activity) = self.guard().await?;
-        let r = vm.write_file(path, reader, executable).await;
-        drop(vm);
-        match r {
-            Ok((size, _)) => Ok(size),
-            Err(e) => Err(self.after_error(e).await),
-        }
+        self.on_vm(async |vm| vm.write_file(path, reader, executable).await)
+            .await
+            .map(|(size, _)| size)
     }
 
     /// Writes in-memory bytes to the guest file `path`.
@@ -290,13 +298,9 @@ impl Session {
     where
         W: AsyncWrite + Unpin + Send + ?Sized,
     {
-        let (vm, _activity) = self.guard().await?;
-        let r = vm.read_file(path, writer).await;
-        drop(vm);
-        match r {
-            Ok((size, _)) => Ok(size),
-            Err(e) => Err(self.after_error(e).await),
-        }
+        self.on_vm(async |vm| vm.read_file(path, writer).await)
+            .await
+            .map(|(size, _)| size)
     }
 
     /// Reads the guest file `path` into memory.
@@ -345,24 +349,12 @@ impl Session {
 
     /// Lists the guest directory `path` (`""` is `/home/user`).
     pub async fn list_files(&self, path: &str) -> Result<Vec<DirEntry>> {
-        let (vm, _activity) = self.guard().await?;
-        let r = vm.list_files(path).await;
-        drop(vm);
-        match r {
-            Ok(v) => Ok(v),
-            Err(e) => Err(self.after_error(e).await),
-        }
+        self.on_vm(async |vm| vm.list_files(path).await).await
     }
 
     /// Asks the session's guest agent how it is (see [`Vm::ping`]).
     pub async fn ping(&self) -> Result<AgentInfo> {
-        let (vm, _activity) = self.guard().await?;
-        let r = vm.ping().await;
-        drop(vm);
-        match r {
-            Ok(v) => Ok(v),
-            Err(e) => Err(self.after_error(e).await),
-        }
+        self.on_vm(async |vm| vm.ping().await).await
     }
 
     /// Closes the session and destroys its VM. Idempotent, shared by all callers; does not

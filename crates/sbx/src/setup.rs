@@ -227,42 +227,36 @@ pub async fn setup(cfg: &SbxConfig) -> Result<Vec<String>, String> {
         }
         run("setfacl", &args)
     };
-    // Search on every directory on the way, then read on the files.
+    let gaps = async |wanted: &[(PathBuf, Access)]| {
+        access_gaps(&user, wanted)
+            .await
+            .map_err(|e| format!("checking {QEMU_USER}'s access: {e}"))
+    };
+    let mut grant = |missing: Vec<(PathBuf, Access)>| -> Result<(), String> {
+        for (path, access) in missing {
+            acl(format!("u:{QEMU_USER}:{}", access.letters()), &path, false)?;
+            done.push(format!(
+                "granted {QEMU_USER} {} on {}",
+                access.as_str(),
+                path.display()
+            ));
+        }
+        Ok(())
+    };
+    // Search on every directory on the way first: a file below a closed directory looks
+    // unreadable even when its own mode allows reading, and needs no ACL of its own.
     let mut dirs = dirs_down_to(&cfg.assets_dir);
     dirs.extend(dirs_down_to(&cfg.work_dir));
     dirs.sort();
     dirs.dedup();
     let wanted: Vec<(PathBuf, Access)> = dirs.into_iter().map(|d| (d, Access::Search)).collect();
-    for (dir, _) in access_gaps(&user, &wanted)
-        .await
-        .map_err(|e| format!("checking {QEMU_USER}'s access: {e}"))?
-    {
-        acl(format!("u:{QEMU_USER}:x"), &dir, false)?;
-        done.push(format!("granted {QEMU_USER} search on {}", dir.display()));
-    }
-    // Rebuilt assets inherit read access.
+    grant(gaps(&wanted).await?)?;
+    // Then what QEMU opens; rebuilt assets inherit read access.
     acl(format!("u:{QEMU_USER}:rX"), &cfg.assets_dir, true)?;
     let report = probes::host_report().await;
     let needs = qemu_user_needs(&assets, &cfg.work_dir, report.accelerator());
-    for (path, access) in access_gaps(&user, &needs)
-        .await
-        .map_err(|e| format!("checking {QEMU_USER}'s access: {e}"))?
-    {
-        let perms = match access {
-            Access::Read => "r",
-            Access::ReadWrite => "rw",
-            Access::Search => "x",
-        };
-        acl(format!("u:{QEMU_USER}:{perms}"), &path, false)?;
-        done.push(format!(
-            "granted {QEMU_USER} {} on {}",
-            access.as_str(),
-            path.display()
-        ));
-    }
-    let gaps = access_gaps(&user, &needs)
-        .await
-        .map_err(|e| format!("checking {QEMU_USER}'s access: {e}"))?;
+    grant(gaps(&needs).await?)?;
+    let gaps = gaps(&needs).await?;
     if !gaps.is_empty() {
         return Err(describe_gaps(QEMU_USER, &gaps));
     }
