@@ -209,7 +209,8 @@ pub fn baseline_boot(cache: &Path) -> Result<Option<u64>> {
             "-accel",
             "tcg,thread=single",
             "-cpu",
-            "max",
+            // The same guest CPU as sbx's own VMs, so the ratio compares kernels only.
+            qemu_cmd::TCG_CPU,
             "-m",
             "256",
             "-smp",

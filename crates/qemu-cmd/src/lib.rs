@@ -28,7 +28,7 @@ pub use channel::{
 };
 pub use command::{
     AGENT_PORT_NAME, CommandOptions, ConsoleTarget, DEFAULT_TB_SIZE_MB, QemuCommandBuilder,
-    QemuFeatures, SANDBOX_ARG, render_argv,
+    QemuFeatures, SANDBOX_ARG, TCG_CPU, render_argv,
 };
 pub use error::QemuError;
 pub use hypervisor::{Isolation, QemuHypervisor};
