@@ -15,12 +15,15 @@ use super::{Ctx, tools};
 
 /// The config fragment, relative to the workspace root.
 pub const FRAGMENT: &str = "images/kernel/sbx.config";
+/// Patches applied to the source, in file-name order (`*.patch`, `patch -p1`), relative
+/// to the workspace root.
+pub const PATCHES: &str = "images/kernel/patches";
 /// Debian package that ships the kernel source.
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 /// The source tarball that package installs.
 pub const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// Bumped whenever the build recipe below changes in a way that changes the output.
-pub const RECIPE_VERSION: &str = "kernel-recipe-1";
+pub const RECIPE_VERSION: &str = "kernel-recipe-2";
 /// Output file name in the cache directory.
 pub const OUTPUT: &str = "vmlinux";
 
@@ -179,6 +182,56 @@ pub fn has_pvh_note(readelf_notes: &str) -> bool {
     })
 }
 
+/// One source patch: its file name and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Patch {
+    /// File name (sorts the application order).
+    pub name: String,
+    /// The unified diff, with any leading description.
+    pub text: String,
+}
+
+/// The `*.patch` files of `dir`, sorted by name (none when the directory is missing).
+pub fn read_patches(dir: &std::path::Path) -> Result<Vec<Patch>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut patches = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.ends_with(".patch") {
+            continue;
+        }
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        patches.push(Patch {
+            name: name.to_owned(),
+            text,
+        });
+    }
+    patches.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(patches)
+}
+
+/// What the unpacked tree must have been made from: the source version, then each patch
+/// with its digest. A tree whose marker differs is unpacked afresh (patches cannot be
+/// un-applied reliably).
+pub fn tree_marker(source_version: &str, patches: &[Patch]) -> String {
+    let mut marker = source_version.to_owned();
+    for p in patches {
+        marker.push('\n');
+        marker.push_str(&p.name);
+        marker.push(' ');
+        marker.push_str(&cache::sha256_bytes(p.text.as_bytes()));
+    }
+    marker
+}
+
 /// Builds (or finds in the cache) the stripped PVH `vmlinux`.
 pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
     tools::ensure("kernel", tools::KERNEL, &ctx.log("apt"))?;
@@ -186,6 +239,8 @@ pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
     let fragment = fs::read_to_string(&fragment_path)
         .with_context(|| format!("reading {}", fragment_path.display()))?;
     parse_fragment(&fragment)?;
+    let patches_dir = ctx.root.join(PATCHES);
+    let patches = read_patches(&patches_dir)?;
     let source_version = exec::output(
         Command::new("dpkg-query")
             .args(["-W", "-f=${Version}"])
@@ -198,12 +253,15 @@ pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
         .next()
         .unwrap_or_default()
         .to_owned();
-    let key = KeyBuilder::new("kernel")
-        .field("recipe", RECIPE_VERSION)
+    let mut key = KeyBuilder::new("kernel");
+    key.field("recipe", RECIPE_VERSION)
         .field("fragment", &fragment)
         .field("linux-source", &source_version)
-        .field("gcc", &gcc)
-        .finish();
+        .field("gcc", &gcc);
+    for p in &patches {
+        key.field(&format!("patch {}", p.name), &p.text);
+    }
+    let key = key.finish();
     let out = ctx.dir.join(OUTPUT);
     if let Some(rec) = cache::fresh(&out, &key) {
         println!("==> kernel: cached ({OUTPUT}, key {})", &key[..12]);
@@ -215,7 +273,8 @@ pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
     let parent = ctx.build.join("kernel");
     let tree = parent.join(SOURCE_PACKAGE);
     let marker = tree.join(".sbx-source-version");
-    if fs::read_to_string(&marker).ok().as_deref() != Some(source_version.as_str()) {
+    let want_marker = tree_marker(&source_version, &patches);
+    if fs::read_to_string(&marker).ok().as_deref() != Some(want_marker.as_str()) {
         let step = Step::start("kernel", &format!("unpack {SOURCE_TARBALL}"));
         cache::remove_any(&tree)?;
         fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -233,7 +292,23 @@ pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
                 tree.display()
             );
         }
-        fs::write(&marker, &source_version)
+        for p in &patches {
+            let path = patches_dir.join(&p.name);
+            exec::run_logged(
+                Command::new("patch")
+                    .current_dir(&tree)
+                    .args(["-p1", "--forward", "--batch", "--fuzz=0", "-i"])
+                    .arg(&path),
+                &log,
+            )
+            .with_context(|| {
+                format!(
+                    "kernel patch {} does not apply to {SOURCE_PACKAGE} {source_version}",
+                    path.display()
+                )
+            })?;
+        }
+        fs::write(&marker, &want_marker)
             .with_context(|| format!("writing {}", marker.display()))?;
         step.done();
     } else {
@@ -310,6 +385,18 @@ pub fn build(ctx: &Ctx) -> Result<KeyRecord> {
             json!(format!("{SOURCE_PACKAGE} {source_version}")),
         ),
         ("gcc".to_owned(), json!(gcc)),
+        (
+            "patches".to_owned(),
+            json!(
+                patches
+                    .iter()
+                    .map(|p| json!({
+                        "file": format!("{PATCHES}/{}", p.name),
+                        "sha256": cache::sha256_bytes(p.text.as_bytes()),
+                    }))
+                    .collect::<Vec<_>>()
+            ),
+        ),
         (
             "dotconfig_sha256".to_owned(),
             json!(cache::sha256_bytes(dotconfig.as_bytes())),
@@ -469,5 +556,43 @@ CONFIG_OTHER=y
         assert!(!has_pvh_note(
             "  GNU                  0x00000014\tNT_GNU_BUILD_ID\n"
         ));
+    }
+
+    #[test]
+    fn patches_are_read_in_name_order_and_mark_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            read_patches(&dir.path().join("missing"))
+                .unwrap()
+                .is_empty()
+        );
+        std::fs::write(dir.path().join("0002-b.patch"), "second").unwrap();
+        std::fs::write(dir.path().join("0001-a.patch"), "first").unwrap();
+        std::fs::write(dir.path().join("README"), "not a patch").unwrap();
+        let patches = read_patches(dir.path()).unwrap();
+        let names: Vec<_> = patches.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["0001-a.patch", "0002-b.patch"]);
+        assert_eq!(patches[0].text, "first");
+
+        let marker = tree_marker("6.1.1", &patches);
+        assert!(marker.starts_with("6.1.1\n0001-a.patch "));
+        assert_eq!(tree_marker("6.1.1", &[]), "6.1.1");
+        let mut changed = patches.clone();
+        changed[1].text.push('!');
+        assert_ne!(tree_marker("6.1.1", &changed), marker);
+    }
+
+    #[test]
+    fn the_repo_patches_are_unified_diffs_against_the_source() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let patches = read_patches(&root.join(PATCHES)).unwrap();
+        assert!(!patches.is_empty());
+        for p in &patches {
+            assert!(
+                p.text.contains("\n--- a/") && p.text.contains("\n+++ b/"),
+                "{} is not a -p1 unified diff",
+                p.name
+            );
+        }
     }
 }

@@ -53,6 +53,7 @@ pub const KERNEL: &[Tool] = &[
     bin("strip", "binutils"),
     bin("readelf", "binutils"),
     bin("perl", "perl"),
+    bin("patch", "patch"),
     bin("dpkg-query", "dpkg"),
     file("/usr/include/libelf.h", "libelf-dev"),
     file("/usr/include/openssl/ssl.h", "libssl-dev"),
