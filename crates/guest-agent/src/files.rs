@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use guest_proto::limits::{MAX_FILE_BYTES, normalize_guest_path};
 use guest_proto::{CHUNK_BYTES, DirEntry, GuestErrorKind, GuestMessage, Sha256Hasher};
 use nix::errno::Errno;
@@ -336,8 +336,9 @@ pub fn read_file_blocking(cfg: &AgentConfig, path: &str, out: &Outbox) -> GuestM
     }
     let mut file = File::from(fd);
     let mut hasher = Sha256Hasher::new();
-    let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
+        // Each chunk is read into its own buffer and handed over as is (no copy).
+        let mut buf = BytesMut::zeroed(CHUNK_BYTES);
         let n = match file.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
@@ -347,8 +348,9 @@ pub fn read_file_blocking(cfg: &AgentConfig, path: &str, out: &Outbox) -> GuestM
         if hasher.len() + n as u64 > MAX_FILE_BYTES {
             return error(GuestErrorKind::Request, "file grew over the size limit");
         }
-        hasher.update(&buf[..n]);
-        if !out.blocking_send(GuestMessage::FileChunk(Bytes::copy_from_slice(&buf[..n]))) {
+        buf.truncate(n);
+        hasher.update(&buf);
+        if !out.blocking_send(GuestMessage::FileChunk(buf.freeze())) {
             return error(GuestErrorKind::Io, "connection closed");
         }
     }

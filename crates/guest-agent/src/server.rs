@@ -90,7 +90,11 @@ impl Decoder for RawDecoder {
     type Error = ProtoError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, ProtoError> {
-        guest_proto::decode_raw_frame(src, MAX_FRAME_BYTES)
+        let frame = guest_proto::decode_raw_frame(src, MAX_FRAME_BYTES)?;
+        if frame.is_none() {
+            guest_proto::reserve_frame(src, MAX_FRAME_BYTES)?;
+        }
+        Ok(frame)
     }
 }
 

@@ -124,6 +124,21 @@ pub fn encode_frame_with_max<M: WireMessage>(
     Ok(())
 }
 
+/// Makes room in `src` for the rest of the frame it starts with, so the next reads can
+/// take the frame whole instead of a few KiB at a time. The length prefix is checked
+/// against `max` first, so a peer can make this reserve at most `max + 4` bytes; nothing
+/// happens while fewer than four bytes are there. Streaming readers call it after a
+/// decode that needed more bytes.
+pub fn reserve_frame(src: &mut BytesMut, max: usize) -> Result<(), ProtoError> {
+    if let Some(len) = frame_len(src, max)? {
+        let want = LEN_PREFIX_BYTES + len;
+        if want > src.len() {
+            src.reserve(want - src.len());
+        }
+    }
+    Ok(())
+}
+
 /// Takes one frame off the front of `src` without decoding its payload.
 ///
 /// `Ok(None)`: not a whole frame yet; `src` is untouched and nothing was allocated. The
@@ -231,10 +246,10 @@ mod tokio_codec {
     use bytes::BytesMut;
     use tokio_util::codec::{Decoder, Encoder};
 
-    use super::{decode_frame, encode_frame_with_max, frame_len};
+    use super::{decode_frame, encode_frame_with_max, reserve_frame};
     use crate::message::{Frame, GuestMessage, HostMessage};
     use crate::wire::WireMessage;
-    use crate::{LEN_PREFIX_BYTES, MAX_FRAME_BYTES, ProtoError};
+    use crate::{MAX_FRAME_BYTES, ProtoError};
 
     /// A `tokio_util` codec that decodes `Frame<In>` and encodes `Frame<Out>`.
     ///
@@ -299,10 +314,7 @@ mod tokio_codec {
         fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
             let frame = decode_frame(src, self.max)?;
             if frame.is_none() {
-                // The prefix was checked against the limit: reserving the rest is bounded.
-                if let Some(len) = frame_len(src, self.max)? {
-                    src.reserve(LEN_PREFIX_BYTES + len - src.len());
-                }
+                reserve_frame(src, self.max)?;
             }
             Ok(frame)
         }

@@ -137,7 +137,7 @@ mod wire;
 pub use codec::{Codec, GuestCodec, HostCodec};
 pub use codec::{
     RawFrame, decode_frame, decode_raw_frame, encode_frame, encode_frame_with_max, read_frame,
-    read_raw_frame, write_frame,
+    read_raw_frame, reserve_frame, write_frame,
 };
 pub use digest::{ParseDigestError, Sha256Digest, Sha256Hasher};
 pub use error::ProtoError;

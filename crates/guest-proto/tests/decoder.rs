@@ -757,3 +757,33 @@ fn error_messages_name_the_problem() {
     assert!(err.to_string().contains("version 2"));
     assert!(ProtoError::UnknownType(77).to_string().contains("77"));
 }
+
+#[test]
+fn reserve_frame_makes_room_for_the_announced_frame_only() {
+    use guest_proto::reserve_frame;
+    // A header announcing a 64 KiB frame: room for all of it afterwards.
+    let mut buf = BytesMut::with_capacity(16);
+    buf.put_u32(64 * 1024);
+    buf.put_slice(&[PROTOCOL_VERSION, 1]);
+    reserve_frame(&mut buf, MAX_FRAME_BYTES).unwrap();
+    assert!(buf.capacity() >= 64 * 1024 + 4);
+    assert_eq!(buf.len(), 6, "bytes kept");
+    // Already whole: nothing more.
+    let mut whole = raw(PROTOCOL_VERSION, 5, 1, &[7; 100]);
+    let cap = whole.capacity();
+    reserve_frame(&mut whole, MAX_FRAME_BYTES).unwrap();
+    assert_eq!(whole.capacity(), cap);
+    // Fewer than four bytes: nothing to go on.
+    let mut short = BytesMut::with_capacity(8);
+    short.put_u16(0xffff);
+    reserve_frame(&mut short, MAX_FRAME_BYTES).unwrap();
+    assert_eq!(short.capacity(), 8);
+    // Over the limit: refused before reserving anything.
+    let mut huge = BytesMut::with_capacity(8);
+    huge.put_u32(u32::MAX);
+    assert!(matches!(
+        reserve_frame(&mut huge, MAX_FRAME_BYTES),
+        Err(ProtoError::FrameTooLarge { .. })
+    ));
+    assert_eq!(huge.capacity(), 8);
+}

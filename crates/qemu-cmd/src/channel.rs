@@ -235,6 +235,7 @@ impl FrameReader {
             {
                 return Ok(Some(frame));
             }
+            guest_proto::reserve_frame(&mut self.buf, MAX_FRAME_BYTES)?;
             let n = self.read.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return if self.buf.is_empty() {
