@@ -7,12 +7,29 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sandbox_core::{
-    ExecRequest, Language, OutputCallbacks, RunOptions, RunRequest, SessionRequest,
+    ExecRequest, Language, OutputCallbacks, RunOptions, RunRequest, Session, SessionRequest,
 };
 use serde_json::{Value, json};
 
 use crate::assets::{Assets, Image};
 use crate::smoke::{Booter, percentile, status_kib};
+
+/// A part of the benchmark (`cargo xtask bench --only SECTION`, repeatable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// Cold runs per language beside a bare boot.
+    Cold,
+    /// Session exec round trips.
+    Session,
+    /// File write and read throughput in a session.
+    Files,
+    /// Warm-pool hits.
+    Warm,
+    /// Networking: boot cost, forwarded ports, DNS.
+    Network,
+    /// Concurrent runs.
+    Throughput,
+}
 
 /// How many samples to take.
 #[derive(Debug, Clone, Copy)]
@@ -116,8 +133,9 @@ fn host_python_pass_ms(n: usize) -> Vec<u64> {
         .collect()
 }
 
-/// Runs the whole benchmark.
-pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
+/// Runs the benchmark: every section, or only those in `only` when it is not empty.
+pub async fn run(assets: &Assets, size: BenchSize, only: &[Section]) -> Result<Value> {
+    let want = |s: Section| only.is_empty() || only.contains(&s);
     let mut report = serde_json::Map::new();
     let host = probes::host_report().await;
     report.insert(
@@ -130,9 +148,6 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
         }),
     );
 
-    // Cold runs per language vs a bare boot of the same kernel+initramfs+image to pong.
-    eprintln!("bench: cold runs");
-    let booter = Booter::new(assets).await?;
     let mut cfg = sbx::SbxConfig::from_env();
     cfg.assets_dir = assets.dir.clone();
     cfg.warm_pool_size = 0;
@@ -140,6 +155,52 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
     let sbx = sbx::Sbx::start(cfg.clone())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if want(Section::Cold) {
+        cold_runs(assets, &sbx, size, &mut report).await?;
+    }
+    if want(Section::Session) || want(Section::Files) {
+        session_and_files(
+            &sbx,
+            size,
+            want(Section::Session),
+            want(Section::Files),
+            &mut report,
+        )
+        .await?;
+    }
+    sbx.stop().await;
+    if want(Section::Warm) {
+        warm_pool(&cfg, size, &mut report).await?;
+    }
+    if want(Section::Network) {
+        // Networking: boot cost, forwarded-port throughput, DNS at the proxy.
+        eprintln!("bench: network");
+        report.insert(
+            "network".into(),
+            crate::bench_net::run(&cfg, size.cold).await?,
+        );
+    }
+    if want(Section::Throughput) {
+        throughput(cfg, size, &mut report).await?;
+    }
+    report.insert(
+        "leftover_qemu_processes".into(),
+        json!(qemu_rss_kib().len()),
+    );
+    Ok(Value::Object(report))
+}
+
+type Report = serde_json::Map<String, Value>;
+
+/// Cold runs per language vs a bare boot of the same kernel+initramfs+image to pong.
+async fn cold_runs(
+    assets: &Assets,
+    sbx: &sbx::Sbx,
+    size: BenchSize,
+    report: &mut Report,
+) -> Result<()> {
+    eprintln!("bench: cold runs");
+    let booter = Booter::new(assets).await?;
     let mut cold = serde_json::Map::new();
     for (lang, image) in [
         (Language::Raw, Image::Raw),
@@ -181,9 +242,18 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
         );
     }
     report.insert("cold_run".into(), Value::Object(cold));
+    Ok(())
+}
 
-    // Session exec round trip vs `python3 -c pass` on the host.
-    eprintln!("bench: session execs");
+/// Session exec round trip vs `python3 -c pass` on the host; file throughput in the same
+/// session.
+async fn session_and_files(
+    sbx: &sbx::Sbx,
+    size: BenchSize,
+    execs: bool,
+    transfers: bool,
+    report: &mut Report,
+) -> Result<()> {
     // 512 MB: /home/user is a tmpfs of 40 % of guest RAM and must hold the 100 MB file.
     let mut sreq = SessionRequest::new(Language::Python);
     sreq.memory_mb = 512;
@@ -192,6 +262,18 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
         .session(sreq, RunOptions::default())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if execs {
+        session_execs(&session, size, report).await?;
+    }
+    if transfers {
+        file_transfers(&session, report).await?;
+    }
+    session.close().await;
+    Ok(())
+}
+
+async fn session_execs(session: &Session, size: BenchSize, report: &mut Report) -> Result<()> {
+    eprintln!("bench: session execs");
     let cb = OutputCallbacks::default();
     let mut rt = Vec::new();
     let mut guest = Vec::new();
@@ -207,36 +289,8 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
         guest.push(r.execution_time_ms.unwrap_or(0));
     }
     let rss_after = self_rss_kib("VmRSS:");
-    let host_py = host_python_pass_ms(size.cold.max(5));
+    let host_py = host_python_pass_ms(5);
     let idle_rss = qemu_rss_kib();
-
-    // File throughput: 10 MB (and 100 MB) write + read.
-    eprintln!("bench: file transfer");
-    let mut files = serde_json::Map::new();
-    for mb in [10usize, 100] {
-        let data: Vec<u8> = (0..mb * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        let t = Instant::now();
-        session
-            .write_bytes("bench.bin", &data, false)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let w = t.elapsed();
-        let t = Instant::now();
-        let back = session
-            .read_bytes("bench.bin")
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let r = t.elapsed();
-        anyhow::ensure!(back.len() == data.len(), "read back {} bytes", back.len());
-        files.insert(
-            format!("{mb}MB"),
-            json!({
-                "write_mb_s": (mb as f64 / w.as_secs_f64() * 10.0).round() / 10.0,
-                "read_mb_s": (mb as f64 / r.as_secs_f64() * 10.0).round() / 10.0,
-            }),
-        );
-    }
-    session.close().await;
     let rt_ms: Vec<u64> = rt.iter().map(|us| us / 1000).collect();
     report.insert(
         "session_exec".into(),
@@ -249,14 +303,109 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
             "host_rss_growth_kib": rss_after.saturating_sub(rss_before),
         }),
     );
-    report.insert("files".into(), Value::Object(files));
     report.insert(
         "idle_vm_qemu_rss_mib".into(),
         json!(idle_rss.iter().map(|k| k / 1024).collect::<Vec<_>>()),
     );
-    sbx.stop().await;
+    Ok(())
+}
 
-    // Warm-pool hits (end to end) vs cold.
+/// What the guest itself manages with the same bytes: SHA-256 and a write to its home
+/// tmpfs in 64 KiB pieces (the work of a transfer without the transport), in MiB/s.
+const GUEST_HASH_WRITE: &str = r#"
+import hashlib, time
+data = bytes(i % 251 for i in range(251 * 4096)) * (MIB * 1048576 // (251 * 4096) + 1)
+data = data[:MIB * 1048576]
+view = memoryview(data)
+t = time.perf_counter()
+h = hashlib.sha256()
+with open("bench-local.bin", "wb") as f:
+    for i in range(0, len(data), 65536):
+        piece = view[i:i + 65536]
+        h.update(piece)
+        f.write(piece)
+el = time.perf_counter() - t
+print(round(MIB / el, 1))
+"#;
+
+fn mib_s(mib: usize, d: Duration) -> f64 {
+    (mib as f64 / d.as_secs_f64() * 10.0).round() / 10.0
+}
+
+/// File write and read throughput (10 and 100 MiB) beside the guest's own hash+write rate.
+async fn file_transfers(session: &Session, report: &mut Report) -> Result<()> {
+    eprintln!("bench: file transfer");
+    let mut files = serde_json::Map::new();
+    for mib in [10usize, 100] {
+        let data: Vec<u8> = (0..mib * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let t = Instant::now();
+        session
+            .write_bytes("bench.bin", &data, false)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let w = t.elapsed();
+        let t = Instant::now();
+        let back = session
+            .read_bytes("bench.bin")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let r = t.elapsed();
+        anyhow::ensure!(
+            back == data,
+            "read back {} bytes, not the ones written",
+            back.len()
+        );
+        drop(back);
+        // Room for the local copy in the home tmpfs.
+        session
+            .exec(
+                ExecRequest::new("import os; os.remove('bench.bin')"),
+                &OutputCallbacks::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let local = session
+            .exec(
+                ExecRequest::new(GUEST_HASH_WRITE.replace("MIB", &mib.to_string())),
+                &OutputCallbacks::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            local.exit_code == 0,
+            "guest baseline failed: {}",
+            local.stderr
+        );
+        let local_mib_s: f64 = local
+            .stdout
+            .trim()
+            .parse()
+            .context("guest baseline output")?;
+        session
+            .exec(
+                ExecRequest::new("import os; os.remove('bench-local.bin')"),
+                &OutputCallbacks::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (wr, rd) = (mib_s(mib, w), mib_s(mib, r));
+        files.insert(
+            format!("{mib}MiB"),
+            json!({
+                "write_mib_s": wr,
+                "read_mib_s": rd,
+                "baseline_guest_sha256_write_mib_s": local_mib_s,
+                "write_ratio": (wr / local_mib_s * 100.0).round() / 100.0,
+                "read_ratio": (rd / local_mib_s * 100.0).round() / 100.0,
+            }),
+        );
+    }
+    report.insert("files".into(), Value::Object(files));
+    Ok(())
+}
+
+/// Warm-pool hits (end to end) vs cold.
+async fn warm_pool(cfg: &sbx::SbxConfig, size: BenchSize, report: &mut Report) -> Result<()> {
     eprintln!("bench: warm pool");
     let mut wcfg = cfg.clone();
     wcfg.warm_pool_size = 1;
@@ -301,14 +450,11 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
         }),
     );
 
-    // Networking: boot cost, forwarded-port throughput, DNS at the proxy.
-    eprintln!("bench: network");
-    report.insert(
-        "network".into(),
-        crate::bench_net::run(&cfg, size.cold).await?,
-    );
+    Ok(())
+}
 
-    // Throughput: N runs at concurrency C.
+/// Throughput: N runs at concurrency C.
+async fn throughput(cfg: sbx::SbxConfig, size: BenchSize, report: &mut Report) -> Result<()> {
     eprintln!("bench: throughput");
     let sbx = Arc::new(
         sbx::Sbx::start(cfg)
@@ -356,9 +502,5 @@ pub async fn run(assets: &Assets, size: BenchSize) -> Result<Value> {
             "sbx_process_peak_rss_mib": self_rss_kib("VmHWM:") / 1024,
         }),
     );
-    report.insert(
-        "leftover_qemu_processes".into(),
-        json!(qemu_rss_kib().len()),
-    );
-    Ok(Value::Object(report))
+    Ok(())
 }

@@ -51,6 +51,9 @@ enum Cmd {
         /// A short pass (fewer samples), to check the bench itself.
         #[arg(long)]
         quick: bool,
+        /// Run only this section (repeatable; default: all).
+        #[arg(long, value_enum)]
+        only: Vec<xtask::bench::Section>,
         /// Cache directory [default: ~/.cache/sbx/assets].
         #[arg(long, env = assets::DIR_ENV)]
         dir: Option<PathBuf>,
@@ -104,14 +107,14 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(status.success(), "VM integration tests failed");
             Ok(())
         }
-        Cmd::Bench { quick, dir } => {
+        Cmd::Bench { quick, only, dir } => {
             let found = assets::locate(&assets_dir(dir)?)?;
             let size = if quick {
                 xtask::bench::BenchSize::quick()
             } else {
                 xtask::bench::BenchSize::standard()
             };
-            let report = runtime()?.block_on(xtask::bench::run(&found, size))?;
+            let report = runtime()?.block_on(xtask::bench::run(&found, size, &only))?;
             let text = serde_json::to_string_pretty(&report)?;
             let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
             std::fs::create_dir_all(&out)?;
