@@ -328,6 +328,14 @@ el = time.perf_counter() - t
 print(round(MIB / el, 1))
 "#;
 
+/// Runs `code` in the (Python) session and returns its result.
+async fn python(session: &Session, code: &str) -> Result<sandbox_core::ExecutionResult> {
+    session
+        .exec(ExecRequest::new(code), &OutputCallbacks::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn mib_s(mib: usize, d: Duration) -> f64 {
     (mib as f64 / d.as_secs_f64() * 10.0).round() / 10.0
 }
@@ -357,20 +365,8 @@ async fn file_transfers(session: &Session, report: &mut Report) -> Result<()> {
         );
         drop(back);
         // Room for the local copy in the home tmpfs.
-        session
-            .exec(
-                ExecRequest::new("import os; os.remove('bench.bin')"),
-                &OutputCallbacks::default(),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let local = session
-            .exec(
-                ExecRequest::new(GUEST_HASH_WRITE.replace("MIB", &mib.to_string())),
-                &OutputCallbacks::default(),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        python(session, "import os; os.remove('bench.bin')").await?;
+        let local = python(session, &GUEST_HASH_WRITE.replace("MIB", &mib.to_string())).await?;
         anyhow::ensure!(
             local.exit_code == 0,
             "guest baseline failed: {}",
@@ -381,13 +377,7 @@ async fn file_transfers(session: &Session, report: &mut Report) -> Result<()> {
             .trim()
             .parse()
             .context("guest baseline output")?;
-        session
-            .exec(
-                ExecRequest::new("import os; os.remove('bench-local.bin')"),
-                &OutputCallbacks::default(),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        python(session, "import os; os.remove('bench-local.bin')").await?;
         let (wr, rd) = (mib_s(mib, w), mib_s(mib, r));
         files.insert(
             format!("{mib}MiB"),
