@@ -135,15 +135,52 @@ pub fn probe_io_uring_host(proc_root: &Path) -> (bool, String) {
     }
 }
 
-/// The CPU advertises `tsc_deadline_timer` in `<proc>/cpuinfo`.
-pub fn probe_tsc_deadline(proc_root: &Path) -> bool {
+/// The CPU advertises `flag` in `<proc>/cpuinfo`.
+fn cpu_flag(proc_root: &Path, flag: &str) -> bool {
     std::fs::read_to_string(proc_root.join("cpuinfo"))
         .map(|s| {
             s.lines()
                 .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "tsc_deadline_timer"))
+                .any(|l| l.split_whitespace().any(|f| f == flag))
         })
         .unwrap_or(false)
+}
+
+/// The CPU advertises `tsc_deadline_timer` in `<proc>/cpuinfo`.
+pub fn probe_tsc_deadline(proc_root: &Path) -> bool {
+    cpu_flag(proc_root, "tsc_deadline_timer")
+}
+
+/// The host's TSC rate in kHz, measured against `CLOCK_MONOTONIC` over `window`, when
+/// the CPU says its TSC runs at a constant rate (`constant_tsc` and `nonstop_tsc`).
+///
+/// A TCG guest reads the host's TSC unscaled, and its kernel cannot calibrate the TSC on
+/// a microvm (no PC speaker gate for the PIT, no HPET or ACPI PM timer): without this
+/// rate on its command line (`tsc_early_khz=`) it marks the TSC unstable and keeps time
+/// with jiffies (10 ms steps for every clock and timer in the guest).
+pub async fn measure_tsc_khz(proc_root: &Path, window: Duration) -> Option<u64> {
+    if !(cpu_flag(proc_root, "constant_tsc") && cpu_flag(proc_root, "nonstop_tsc")) {
+        return None;
+    }
+    tsc_khz_over(window).await
+}
+
+#[cfg(target_arch = "x86_64")]
+async fn tsc_khz_over(window: Duration) -> Option<u64> {
+    let started = std::time::Instant::now();
+    let c0 = crate::sys::rdtsc();
+    tokio::time::sleep(window).await;
+    let c1 = crate::sys::rdtsc();
+    let ns = u64::try_from(started.elapsed().as_nanos()).ok()?;
+    let khz =
+        u64::try_from(u128::from(c1.checked_sub(c0)?) * 1_000_000 / u128::from(ns.max(1))).ok()?;
+    // 100 MHz – 10 GHz, or the measurement is not to be trusted.
+    (100_000..=10_000_000).contains(&khz).then_some(khz)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+async fn tsc_khz_over(_window: Duration) -> Option<u64> {
+    None
 }
 
 /// `<proc>/sys/kernel/osrelease` (`uname -r`).
@@ -432,6 +469,26 @@ mod tests {
         fs::write(p.join("sys/kernel/hostname"), "box\n").unwrap();
         assert_eq!(kernel_release(p), "6.1.0-test");
         assert_eq!(hostname(p), "box");
+
+        // No constant TSC: no rate.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert_eq!(
+            rt.block_on(measure_tsc_khz(p, Duration::from_millis(5))),
+            None
+        );
+        fs::write(
+            p.join("cpuinfo"),
+            "flags\t\t: fpu tsc constant_tsc nonstop_tsc\n",
+        )
+        .unwrap();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let khz = rt.block_on(measure_tsc_khz(p, Duration::from_millis(20)));
+            assert!(khz.is_some(), "a constant TSC is measured");
+        }
     }
 
     #[test]

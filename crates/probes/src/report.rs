@@ -122,6 +122,8 @@ pub struct HostReport {
     pub current_uid: u32,
     /// The CPU has a TSC-deadline timer (PIT/PIC/RTC may go under KVM).
     pub tsc_deadline: bool,
+    /// The host TSC rate in kHz, when it is constant (TCG guests are told it).
+    pub tsc_khz: Option<u64>,
     /// `uname -r`.
     pub kernel_release: String,
     /// Host name.
@@ -253,6 +255,7 @@ pub async fn probe_host(cfg: &ProbeConfig) -> HostReport {
         qemu_user: host::lookup_user(&cfg.passwd, &cfg.qemu_user),
         current_uid: current_uid(),
         tsc_deadline: host::probe_tsc_deadline(&cfg.proc_root),
+        tsc_khz: host::measure_tsc_khz(&cfg.proc_root, Duration::from_millis(20)).await,
         kernel_release,
         hostname,
         warnings: Vec::new(),

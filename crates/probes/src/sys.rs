@@ -1,4 +1,5 @@
-//! The one raw syscall the probes need: asking the kernel whether io_uring exists.
+//! The raw calls the probes need: asking the kernel whether io_uring exists, and reading
+//! the time-stamp counter.
 #![allow(unsafe_code)]
 
 /// How the kernel answered an `io_uring_setup` that can never succeed.
@@ -42,4 +43,12 @@ pub(crate) fn io_uring_syscall() -> IoUringSyscall {
         Some(other) => IoUringSyscall::Denied(other),
         None => IoUringSyscall::Denied(0),
     }
+}
+
+/// The CPU's time-stamp counter.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn rdtsc() -> u64 {
+    // SAFETY: RDTSC reads a counter into registers; it touches no memory and every
+    // x86_64 CPU has it.
+    unsafe { std::arch::x86_64::_rdtsc() }
 }

@@ -38,6 +38,9 @@ pub struct QemuFeatures {
     pub qboot_rom: Option<PathBuf>,
     /// The host CPU has a TSC-deadline timer (PIT/PIC/RTC can go under KVM).
     pub tsc_deadline: bool,
+    /// The host's constant TSC rate in kHz: a TCG guest reads that TSC and is told its
+    /// rate (`tsc_early_khz=`), having no way to calibrate it on a microvm.
+    pub tsc_khz: Option<u64>,
 }
 
 impl QemuFeatures {
@@ -50,9 +53,11 @@ impl QemuFeatures {
                 exit_with_parent: q.exit_with_parent,
                 qboot_rom: q.qboot_rom.clone(),
                 tsc_deadline: report.tsc_deadline,
+                tsc_khz: report.tsc_khz,
             },
             Err(_) => Self {
                 tsc_deadline: report.tsc_deadline,
+                tsc_khz: report.tsc_khz,
                 ..Self::default()
             },
         }
@@ -195,6 +200,11 @@ impl<'a> QemuCommandBuilder<'a> {
         if spec.accelerator == Accelerator::Tcg {
             // Skip the delay-loop calibration, slow under emulation.
             args.push("lpj=1000000".into());
+            // The guest's TSC is the host's: without its rate the kernel falls back to
+            // jiffies for every clock and timer.
+            if let Some(khz) = self.features.tsc_khz {
+                args.push(format!("tsc_early_khz={khz}"));
+            }
         }
         if spec.console.verbose {
             // Unknown KEY=VALUE arguments reach init's environment: the agent logs at
@@ -398,6 +408,7 @@ pub(crate) mod tests {
             exit_with_parent: false,
             qboot_rom: Some("/usr/share/qemu/qboot.rom".into()),
             tsc_deadline: true,
+            tsc_khz: Some(2_600_000),
         }
     }
 
@@ -422,6 +433,21 @@ pub(crate) mod tests {
         };
         let b = QemuCommandBuilder::new(&s, &f2);
         assert!(b.machine().contains("pit=on"));
+    }
+
+    #[test]
+    fn tcg_guests_are_told_the_host_tsc_rate() {
+        let f = features();
+        let line = QemuCommandBuilder::new(&spec(Accelerator::Tcg), &f).kernel_cmdline();
+        assert!(line.contains(" tsc_early_khz=2600000"), "{line}");
+        let line = QemuCommandBuilder::new(&spec(Accelerator::Kvm), &f).kernel_cmdline();
+        assert!(!line.contains("tsc_early_khz"), "{line}");
+        let unknown = QemuFeatures {
+            tsc_khz: None,
+            ..features()
+        };
+        let line = QemuCommandBuilder::new(&spec(Accelerator::Tcg), &unknown).kernel_cmdline();
+        assert!(!line.contains("tsc_early_khz"), "{line}");
     }
 
     #[test]

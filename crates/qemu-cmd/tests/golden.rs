@@ -48,6 +48,7 @@ fn features() -> QemuFeatures {
         exit_with_parent: true,
         qboot_rom: Some("/usr/share/qemu/qboot.rom".into()),
         tsc_deadline: true,
+        tsc_khz: Some(2_600_000),
     }
 }
 

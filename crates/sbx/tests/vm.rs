@@ -227,6 +227,28 @@ async fn tcg_guest_cpu_and_bulk_transfers() {
             .await
             .unwrap();
         assert_eq!(r.stdout, "sha_ni\n", "guest CPU flags: {r:?}");
+        // Told the host's TSC rate, the guest keeps time with the TSC, not jiffies.
+        let r = s
+            .exec(
+                ExecRequest::new(
+                    "cat /sys/devices/system/clocksource/clocksource0/current_clocksource",
+                ),
+                &cb,
+            )
+            .await
+            .unwrap();
+        let constant_tsc = std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap()
+            .contains(" nonstop_tsc");
+        if constant_tsc {
+            // `tsc-early` until the kernel's delayed refinement registers `tsc`.
+            assert!(
+                matches!(r.stdout.as_str(), "tsc\n" | "tsc-early\n"),
+                "guest clocksource: {r:?}"
+            );
+        } else {
+            eprintln!("host TSC is not constant: guest clocksource {:?}", r.stdout);
+        }
     } else {
         eprintln!(
             "skipping the TCG CPU flag check: accelerator is {}",
