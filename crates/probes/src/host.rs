@@ -151,15 +151,21 @@ pub fn probe_tsc_deadline(proc_root: &Path) -> bool {
     cpu_flag(proc_root, "tsc_deadline_timer")
 }
 
+/// The CPU says its TSC runs at a constant rate, also in deep idle (`constant_tsc` and
+/// `nonstop_tsc` in `<proc>/cpuinfo`).
+pub fn constant_tsc(proc_root: &Path) -> bool {
+    cpu_flag(proc_root, "constant_tsc") && cpu_flag(proc_root, "nonstop_tsc")
+}
+
 /// The host's TSC rate in kHz, measured against `CLOCK_MONOTONIC` over `window`, when
-/// the CPU says its TSC runs at a constant rate (`constant_tsc` and `nonstop_tsc`).
+/// the TSC is constant ([`constant_tsc`]).
 ///
 /// A TCG guest reads the host's TSC unscaled, and its kernel cannot calibrate the TSC on
 /// a microvm (no PC speaker gate for the PIT, no HPET or ACPI PM timer): without this
 /// rate on its command line (`tsc_early_khz=`) it marks the TSC unstable and keeps time
 /// with jiffies (10 ms steps for every clock and timer in the guest).
 pub async fn measure_tsc_khz(proc_root: &Path, window: Duration) -> Option<u64> {
-    if !(cpu_flag(proc_root, "constant_tsc") && cpu_flag(proc_root, "nonstop_tsc")) {
+    if !constant_tsc(proc_root) {
         return None;
     }
     tsc_khz_over(window).await

@@ -227,7 +227,11 @@ pub async fn probe_host(cfg: &ProbeConfig) -> HostReport {
     };
     let unshare_prog = host::find_unshare(cfg.path_env.as_deref());
     let unshare_fut = host::probe_unshare(unshare_prog.as_deref(), cfg.command_timeout);
-    let (qemu, accelerator, unshare) = tokio::join!(qemu_fut, accel_fut, unshare_fut);
+    // The TSC is measured over a short sleep: overlapped with the QEMU probes, it costs
+    // start-up nothing.
+    let tsc_fut = host::measure_tsc_khz(&cfg.proc_root, Duration::from_millis(20));
+    let (qemu, accelerator, unshare, tsc_khz) =
+        tokio::join!(qemu_fut, accel_fut, unshare_fut, tsc_fut);
 
     let (io_uring_host, io_uring_detail) = host::probe_io_uring_host(&cfg.proc_root);
     let qemu_io_uring = qemu.as_ref().map(|q| q.io_uring_aio).unwrap_or(false);
@@ -255,7 +259,7 @@ pub async fn probe_host(cfg: &ProbeConfig) -> HostReport {
         qemu_user: host::lookup_user(&cfg.passwd, &cfg.qemu_user),
         current_uid: current_uid(),
         tsc_deadline: host::probe_tsc_deadline(&cfg.proc_root),
-        tsc_khz: host::measure_tsc_khz(&cfg.proc_root, Duration::from_millis(20)).await,
+        tsc_khz,
         kernel_release,
         hostname,
         warnings: Vec::new(),

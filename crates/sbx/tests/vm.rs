@@ -237,10 +237,7 @@ async fn tcg_guest_cpu_and_bulk_transfers() {
             )
             .await
             .unwrap();
-        let constant_tsc = std::fs::read_to_string("/proc/cpuinfo")
-            .unwrap()
-            .contains(" nonstop_tsc");
-        if constant_tsc {
+        if probes::host::constant_tsc(std::path::Path::new("/proc")) {
             // `tsc-early` until the kernel's delayed refinement registers `tsc`.
             assert!(
                 matches!(r.stdout.as_str(), "tsc\n" | "tsc-early\n"),
