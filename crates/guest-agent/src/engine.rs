@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::config::AgentConfig;
 use crate::hardening;
-use crate::repl::{Interrupt, Repl, ReplRequest, is_shell_identifier, shell_quote};
+use crate::repl::{Interrupt, Repl, ReplRequest, shell_quote};
 use crate::server::Outbox;
 
 /// How long a warm-up may take to get a REPL ready.
@@ -106,21 +106,11 @@ impl Engine {
         } else {
             req.timeout_secs
         };
-        if let Err(err) =
-            limits::validate_env(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        {
+        if let Err(err) = limits::validate_env_for(
+            req.language,
+            req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        ) {
             return error(GuestErrorKind::EnvVar, err.to_string());
-        }
-        if req.language == Language::Raw
-            && let Some((name, _)) = req.env.iter().find(|(k, _)| !is_shell_identifier(k))
-        {
-            return error(
-                GuestErrorKind::EnvVar,
-                format!(
-                    "environment variable name {:?} is not a valid shell variable name",
-                    name.chars().take(64).collect::<String>()
-                ),
-            );
         }
 
         // Raw code with a shebang runs through its interpreter from a temporary file.

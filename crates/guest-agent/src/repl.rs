@@ -33,7 +33,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use guest_proto::limits::{MAX_STDERR_BYTES, MAX_STDOUT_BYTES};
+use guest_proto::limits::{MAX_STDERR_BYTES, MAX_STDOUT_BYTES, is_shell_identifier};
 use guest_proto::{GuestMessage, Language};
 use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
@@ -544,13 +544,6 @@ fn parse_status(buf: &mut Vec<u8>, id: &str) -> Option<i32> {
 /// Quotes `s` for bash in single quotes.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// True for a name bash can hold as a variable.
-pub fn is_shell_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
-        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
 /// Bash snippets that set `env` for one execution and restore the previous values

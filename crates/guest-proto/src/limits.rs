@@ -139,6 +139,11 @@ pub enum EnvError {
         /// The variable's name.
         name: String,
     },
+    /// Shell code (`raw`) takes only names a shell can assign: `[A-Za-z_][A-Za-z0-9_]*`.
+    NotShellName {
+        /// The name, truncated for display.
+        name: String,
+    },
     /// The name is on [`ENV_BLOCKLIST`].
     Blocked {
         /// The variable's name.
@@ -155,6 +160,7 @@ impl EnvError {
             | Self::ValueTooLong { name }
             | Self::InvalidName { name }
             | Self::InvalidValue { name }
+            | Self::NotShellName { name }
             | Self::Blocked { name } => Some(name),
         }
     }
@@ -185,6 +191,11 @@ impl fmt::Display for EnvError {
             Self::InvalidValue { name } => write!(
                 f,
                 "value of environment variable {name:?} contains NUL or a control character"
+            ),
+            Self::NotShellName { name } => write!(
+                f,
+                "environment variable name {name:?} is not a valid shell variable name \
+                 ([A-Za-z_][A-Za-z0-9_]*)"
             ),
             Self::Blocked { name } => write!(
                 f,
@@ -239,6 +250,32 @@ pub fn validate_env_var(name: &str, value: &str) -> Result<(), EnvError> {
     if value.chars().any(|c| c.is_control() && c != '\t') {
         return Err(EnvError::InvalidValue {
             name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// True when `name` is a shell variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_shell_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// Checks a whole set of environment variables for code in `language`: the rules of
+/// [`validate_env`], plus shell variable names for `raw` (the host checks this before any
+/// VM work; the agent checks it again).
+pub fn validate_env_for<'a, I>(language: crate::Language, vars: I) -> Result<(), EnvError>
+where
+    I: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    let vars: Vec<(&str, &str)> = vars.into_iter().collect();
+    validate_env(vars.iter().copied())?;
+    if language == crate::Language::Raw
+        && let Some((name, _)) = vars.iter().find(|(k, _)| !is_shell_identifier(k))
+    {
+        return Err(EnvError::NotShellName {
+            name: display_name(name),
         });
     }
     Ok(())
@@ -334,6 +371,26 @@ pub fn normalize_guest_path(path: &str, allow_root: bool) -> Result<String, Path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_names_only_for_raw() {
+        use crate::Language;
+        let bad = [("BAD-KEY", "1")];
+        assert!(validate_env_for(Language::Python, bad).is_ok());
+        assert!(validate_env_for(Language::Javascript, bad).is_ok());
+        let err = validate_env_for(Language::Raw, bad).unwrap_err();
+        assert_eq!(err.name(), Some("BAD-KEY"));
+        assert!(err.to_string().contains("shell variable name"));
+        assert!(validate_env_for(Language::Raw, [("_OK_1", "x"), ("a", "")]).is_ok());
+        for name in ["1A", "A.B", "A B", "é"] {
+            assert!(!is_shell_identifier(name), "{name}");
+        }
+        // The general rules still come first.
+        assert!(matches!(
+            validate_env_for(Language::Raw, [("LD_PRELOAD", "x")]),
+            Err(EnvError::Blocked { .. })
+        ));
+    }
 
     #[test]
     fn code_rules() {

@@ -167,6 +167,25 @@ impl Admission {
         by_mem.min(by_cpu).floor().max(0.0) as usize
     }
 
+    /// Grants `memory_mb` and `cpus` only if they fit now and nobody is waiting in line
+    /// (background work such as the warm pool never queues ahead of requests).
+    pub fn try_acquire(&self, memory_mb: f64, cpus: f64) -> Option<AdmissionPermit> {
+        let mut s = self.state.lock().ok()?;
+        let fits = s.memory_mb + memory_mb <= self.cfg.memory_budget_mb()
+            && s.cpus + cpus <= self.cfg.cpu_budget();
+        if !s.queue.is_empty() || !fits {
+            return None;
+        }
+        s.memory_mb += memory_mb;
+        s.cpus += cpus;
+        Some(AdmissionPermit {
+            memory_mb,
+            cpus,
+            state: self.state.clone(),
+            notify: self.notify.clone(),
+        })
+    }
+
     /// Waits (FIFO, bounded) until `memory_mb` and `cpus` fit, then grants them.
     pub async fn acquire(&self, memory_mb: f64, cpus: f64) -> Result<AdmissionPermit> {
         if memory_mb > self.cfg.memory_budget_mb() || cpus > self.cfg.cpu_budget() {
@@ -311,6 +330,26 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
         drop(permits);
+        assert_eq!(a.allocated(), (0.0, 0.0));
+    }
+
+    #[tokio::test]
+    async fn try_acquire_never_jumps_the_line() {
+        let a = small(5_000);
+        let hold = a.acquire(800.0, 1.0).await.unwrap();
+        assert!(a.try_acquire(200.0, 1.0).is_none(), "does not fit");
+        assert!(a.try_acquire(100.0, 1.0).is_some_and(|p| {
+            drop(p);
+            true
+        }));
+        // A waiter is in line: try_acquire refuses even what would fit.
+        let a2 = a.clone();
+        let waiter = tokio::spawn(async move { a2.acquire(500.0, 1.0).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(a.try_acquire(50.0, 0.5).is_none());
+        drop(hold);
+        let p = waiter.await.unwrap().unwrap();
+        drop(p);
         assert_eq!(a.allocated(), (0.0, 0.0));
     }
 

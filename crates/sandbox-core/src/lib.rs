@@ -22,7 +22,9 @@ pub mod warm_pool;
 
 pub use error::{Error, ErrorContext, ErrorKind, PermanentCause, Result, TransientCause};
 pub use guest_proto::Language;
-pub use manager::{BootTimings, GuestAssets, Ports, Vm, VmManager, VmManagerConfig, VmOptions};
+pub use manager::{
+    BootTimings, GuestAssets, Ports, Vm, VmManager, VmManagerConfig, VmOptions, VmSlot,
+};
 pub use ops::{ExecOutcome, OutputCallback, OutputCallbacks};
 pub use request::{
     ExecRequest, NetworkRequest, PortMapping, PortProtocol, RunRequest, SessionRequest,

@@ -89,6 +89,8 @@ pub struct VmManagerConfig {
     pub vcpus: u32,
     /// Most VMs alive at once (each holds a slot for its whole life).
     pub max_vms: usize,
+    /// How long `create_vm` waits for a free slot before a capacity error.
+    pub slot_timeout: Duration,
     /// How long one boot attempt may take until the agent answers.
     pub boot_timeout: Duration,
     /// Boot attempts for transient failures (≥ 1).
@@ -118,6 +120,7 @@ impl VmManagerConfig {
             accelerator,
             vcpus: 1,
             max_vms: 64,
+            slot_timeout: Duration::from_secs(120),
             boot_timeout: match accelerator {
                 Accelerator::Kvm => Duration::from_secs(15),
                 Accelerator::Tcg => Duration::from_secs(30),
@@ -173,6 +176,9 @@ pub struct VmOptions {
     pub tenant: Option<String>,
     /// Live console lines (boot log), when wanted.
     pub boot_log: Option<mpsc::UnboundedSender<String>>,
+    /// How long to wait for a free VM slot; `None` is the manager's `slot_timeout`, zero
+    /// fails at once when every slot is taken (background work such as the warm pool).
+    pub slot_wait: Option<Duration>,
 }
 
 impl VmOptions {
@@ -184,6 +190,7 @@ impl VmOptions {
             network: NetworkPolicy::None,
             tenant: None,
             boot_log: None,
+            slot_wait: None,
         }
     }
 }
@@ -511,6 +518,11 @@ impl Drop for Vm {
     }
 }
 
+/// One of the manager's `max_vms` slots, reserved ahead of [`VmManager::create_vm_with_slot`];
+/// given back when dropped unused, else held for the VM's whole life.
+#[derive(Debug)]
+pub struct VmSlot(OwnedSemaphorePermit);
+
 /// Creates and destroys VMs through the ports.
 #[derive(Clone)]
 pub struct VmManager {
@@ -581,25 +593,52 @@ impl VmManager {
         futures::future::join_all(all.iter().map(destroy_inner)).await;
     }
 
-    /// Creates a VM and waits until its agent answers.
+    /// Creates a VM and waits until its agent answers. Takes a VM slot first, waiting at
+    /// most `opts.slot_wait` (else the configured `slot_timeout`).
     pub async fn create_vm(&self, opts: VmOptions) -> Result<Vm> {
+        self.check_options(&opts)?;
+        let started = Instant::now();
+        let slot = self
+            .reserve_slot(opts.slot_wait.unwrap_or(self.cfg.slot_timeout))
+            .await?;
+        self.create_vm_in(slot, opts, started).await
+    }
+
+    /// Creates a VM in a slot reserved beforehand with [`VmManager::reserve_slot`].
+    pub async fn create_vm_with_slot(&self, slot: VmSlot, opts: VmOptions) -> Result<Vm> {
+        self.check_options(&opts)?;
+        self.create_vm_in(slot, opts, Instant::now()).await
+    }
+
+    /// Reserves a VM slot, waiting at most `wait` (FIFO among waiters; a zero wait never
+    /// queues). Every slot taken is a transient capacity error after the wait.
+    pub async fn reserve_slot(&self, wait: Duration) -> Result<VmSlot> {
+        self.acquire_slot(wait).await.map(VmSlot)
+    }
+
+    fn check_options(&self, opts: &VmOptions) -> Result<()> {
         let tenant = opts
             .tenant
             .clone()
             .unwrap_or_else(|| self.cfg.default_tenant.clone());
         validate_identifier("tenant", &tenant)?;
-        let base = self.cfg.assets.check(opts.language)?.to_path_buf();
+        self.cfg.assets.check(opts.language)?;
         if !matches!(opts.network, NetworkPolicy::None) && self.ports.network.is_none() {
             return Err(Error::permanent(
                 PermanentCause::Config,
                 "networking was requested but no network proxy is configured",
             ));
         }
+        Ok(())
+    }
 
-        let started = Instant::now();
-        let slot = self.slots.clone().acquire_owned().await.map_err(|_| {
-            Error::permanent(PermanentCause::Internal, "the VM manager is shut down")
-        })?;
+    async fn create_vm_in(&self, slot: VmSlot, opts: VmOptions, started: Instant) -> Result<Vm> {
+        let slot = slot.0;
+        let tenant = opts
+            .tenant
+            .clone()
+            .unwrap_or_else(|| self.cfg.default_tenant.clone());
+        let base = self.cfg.assets.check(opts.language)?.to_path_buf();
         let mut timings = BootTimings {
             slot_ms: millis(started.elapsed()),
             ..Default::default()
@@ -637,6 +676,33 @@ impl VmManager {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// A VM slot, waiting at most `wait` (FIFO among waiters; a zero wait never queues).
+    async fn acquire_slot(&self, wait: Duration) -> Result<OwnedSemaphorePermit> {
+        let closed = || Error::permanent(PermanentCause::Internal, "the VM manager is shut down");
+        let busy = || {
+            Error::transient(
+                TransientCause::Capacity,
+                format!(
+                    "all {} VM slots are taken (waited {} ms)",
+                    self.cfg.max_vms.max(1),
+                    millis(wait)
+                ),
+            )
+        };
+        if wait.is_zero() {
+            return match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => Ok(slot),
+                Err(tokio::sync::TryAcquireError::Closed) => Err(closed()),
+                Err(tokio::sync::TryAcquireError::NoPermits) => Err(busy()),
+            };
+        }
+        match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(busy()),
         }
     }
 

@@ -86,19 +86,22 @@ pub struct ExecOutcome {
     pub exit_code: i32,
     /// Guest-measured execution time.
     pub execution_ms: u64,
+    /// Guest-measured interpreter start or hand-off to the warm REPL.
+    pub spawn_ms: u64,
     /// Host-measured round trip.
     pub round_trip_ms: u64,
 }
 
 impl ExecOutcome {
-    /// The public result of this outcome.
+    /// The public result of this outcome; `timing` gets the exec phases from it.
     pub fn into_result(
         self,
         usage: crate::ports::ResourceUsage,
-        timing: crate::result::TimingBreakdown,
+        mut timing: crate::result::TimingBreakdown,
         warm_pool_hit: bool,
         exposed_ports: Vec<crate::result::ExposedPort>,
     ) -> crate::result::ExecutionResult {
+        timing.set_execute(self.round_trip_ms, self.spawn_ms, self.execution_ms);
         crate::result::ExecutionResult {
             stdout: String::from_utf8_lossy(&self.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&self.stderr).into_owned(),
@@ -256,10 +259,11 @@ impl Vm {
                     GuestMessage::ExecDone {
                         exit_code,
                         execution_ms,
-                        ..
+                        spawn_ms,
                     } => {
                         out.exit_code = exit_code;
                         out.execution_ms = execution_ms;
+                        out.spawn_ms = spawn_ms.unwrap_or(0);
                         return Ok(());
                     }
                     GuestMessage::Error { kind, message } => {

@@ -227,14 +227,18 @@ fn validate_code(code: &mut String) -> Result<()> {
     Ok(())
 }
 
-fn validate_env(env: &[(String, String)]) -> Result<()> {
-    limits::validate_env(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(|e| {
-        let field = match e.name() {
-            Some(name) => format!("env.{name}"),
-            None => "env".to_owned(),
-        };
-        Error::input(field, e.to_string())
-    })
+/// Checks `env` for code in `language` (shell variable names for `raw`), so that every
+/// rule the guest applies fails here first, before any VM work.
+pub fn validate_env(language: Language, env: &[(String, String)]) -> Result<()> {
+    limits::validate_env_for(language, env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).map_err(
+        |e| {
+            let field = match e.name() {
+                Some(name) => format!("env.{name}"),
+                None => "env".to_owned(),
+            };
+            Error::input(field, e.to_string())
+        },
+    )
 }
 
 /// Network settings of a VM, shared by runs and sessions.
@@ -351,7 +355,7 @@ impl RunRequest {
         validate_code(&mut self.code)?;
         validate_timeout(self.timeout_secs)?;
         validate_memory(self.memory_mb)?;
-        validate_env(&self.env)?;
+        validate_env(self.language, &self.env)?;
         self.network.validate()?;
         if let Some(t) = &self.tenant {
             validate_identifier("tenant", t)?;
@@ -450,11 +454,11 @@ impl ExecRequest {
         }
     }
 
-    /// Validates every field and strips a leading BOM.
-    pub fn validate(&mut self) -> Result<()> {
+    /// Validates every field for code in `language` (a session's) and strips a leading BOM.
+    pub fn validate(&mut self, language: Language) -> Result<()> {
         validate_code(&mut self.code)?;
         validate_timeout(self.timeout_secs)?;
-        validate_env(&self.env)
+        validate_env(language, &self.env)
     }
 }
 
@@ -514,7 +518,10 @@ mod tests {
             assert_eq!(field_of(r.validate().unwrap_err()), "code");
         }
         let mut big = ExecRequest::new("x".repeat(1024 * 1024 + 1));
-        assert_eq!(field_of(big.validate().unwrap_err()), "code");
+        assert_eq!(
+            field_of(big.validate(Language::Python).unwrap_err()),
+            "code"
+        );
     }
 
     #[test]
@@ -524,6 +531,24 @@ mod tests {
         assert_eq!(field_of(r.validate().unwrap_err()), "env.ld_preload");
         r.env = (0..101).map(|i| (format!("V{i}"), "1".into())).collect();
         assert_eq!(field_of(r.validate().unwrap_err()), "env");
+    }
+
+    #[test]
+    fn shell_variable_names_are_checked_on_the_host_for_raw() {
+        let bad = vec![("BAD-KEY".to_owned(), "1".to_owned())];
+        let mut r = RunRequest::new(Language::Raw, "echo");
+        r.env = bad.clone();
+        assert_eq!(field_of(r.validate().unwrap_err()), "env.BAD-KEY");
+        let mut r = RunRequest::new(Language::Python, "1");
+        r.env = bad.clone();
+        r.validate().unwrap();
+        let mut e = ExecRequest::new("echo");
+        e.env = bad;
+        assert_eq!(
+            field_of(e.validate(Language::Raw).unwrap_err()),
+            "env.BAD-KEY"
+        );
+        e.validate(Language::Javascript).unwrap();
     }
 
     #[test]

@@ -46,9 +46,14 @@ impl ExposedPort {
 
 /// Where the time of one run went, in milliseconds. Durations are unsigned, so never
 /// negative; [`TimingBreakdown::finish`] makes `total_ms` at least the sum of the phases.
+///
+/// The top-level phases are admission, setup, boot, execute and teardown. `execute_ms`
+/// splits further into `connect_ms + spawn_ms + process_ms`: the host↔guest transport of
+/// the exec, the guest starting the interpreter (or handing the code to its warm REPL),
+/// and the code running as the guest measured it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimingBreakdown {
-    /// Waiting for admission (capacity).
+    /// Waiting for capacity: the admission budget and a VM slot (0 on a warm-pool hit).
     pub admission_ms: u64,
     /// Host-side preparation: work dir, limits, command.
     pub setup_ms: u64,
@@ -58,8 +63,19 @@ pub struct TimingBreakdown {
     pub boot_ms: u64,
     /// Waiting for the agent's first answer (part of boot).
     pub guest_wait_ms: u64,
-    /// The exec round trip.
+    /// The exec round trip, measured by the host.
     pub execute_ms: u64,
+    /// Part of `execute_ms` spent outside the guest's own measurement: sending the code
+    /// and receiving the result over the guest channel.
+    #[serde(default)]
+    pub connect_ms: u64,
+    /// Part of `execute_ms`: the guest starting the interpreter or handing the code to its
+    /// warm REPL (a REPL restarted after a timeout or a crash shows here).
+    #[serde(default)]
+    pub spawn_ms: u64,
+    /// Part of `execute_ms`: the code running, measured by the guest (`execution_time_ms`).
+    #[serde(default)]
+    pub process_ms: u64,
     /// Destroying the VM.
     pub teardown_ms: u64,
     /// Wall time of the whole operation.
@@ -69,6 +85,18 @@ pub struct TimingBreakdown {
 }
 
 impl TimingBreakdown {
+    /// Sets the exec phases from the host round trip and the guest's measurements, so that
+    /// `execute_ms == connect_ms + spawn_ms + process_ms`: `connect_ms` is the rest of the
+    /// round trip, and a round trip that whole-millisecond rounding of two clocks made
+    /// shorter than the guest's parts is raised to them.
+    pub fn set_execute(&mut self, round_trip_ms: u64, spawn_ms: u64, process_ms: u64) {
+        let guest = spawn_ms.saturating_add(process_ms);
+        self.execute_ms = round_trip_ms.max(guest);
+        self.spawn_ms = spawn_ms;
+        self.process_ms = process_ms;
+        self.connect_ms = self.execute_ms - guest;
+    }
+
     /// Sets `total_ms` from a measured wall time, never below the sum of the top-level
     /// phases (admission, setup, boot, execute, teardown).
     pub fn finish(&mut self, wall: Duration) {
@@ -132,6 +160,23 @@ mod tests {
         assert!(t.total_ms >= t.execute_ms);
         t.finish(Duration::from_millis(500));
         assert_eq!(t.total_ms, 500);
+    }
+
+    #[test]
+    fn execute_splits_into_connect_spawn_process() {
+        let mut t = TimingBreakdown::default();
+        t.set_execute(50, 4, 40);
+        assert_eq!(
+            (t.execute_ms, t.connect_ms, t.spawn_ms, t.process_ms),
+            (50, 6, 4, 40)
+        );
+        // Clocks of two machines: the guest's parts may exceed the host's round trip.
+        t.set_execute(10, 4, 40);
+        assert_eq!((t.execute_ms, t.connect_ms), (44, 0));
+        let v = serde_json::to_value(&t).unwrap();
+        for k in ["connect_ms", "spawn_ms", "process_ms", "admission_ms"] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tracing::{Instrument, info_span};
 
 use crate::admission::{Admission, AdmissionConfig, AdmissionPermit};
 use crate::error::{Error, PermanentCause, Result};
-use crate::manager::{VmManager, VmOptions};
+use crate::manager::{VmManager, VmOptions, VmSlot};
 use crate::ops::OutputCallbacks;
 use crate::ports::NetworkPolicy;
 use crate::request::{
@@ -240,8 +240,32 @@ impl Scheduler {
         }
     }
 
+    /// Capacity for one VM: its admission share, then a VM slot, both within one bound
+    /// (the admission timeout, else the manager's slot timeout). While it waits, the warm
+    /// pool pauses refills and evicts idle pooled VMs, so they never starve a request.
+    /// Returns the permit, the slot and the time waited.
+    async fn capacity(
+        &self,
+        memory_mb: u32,
+    ) -> Result<(Option<AdmissionPermit>, VmSlot, Duration)> {
+        let started = Instant::now();
+        let _demand = self.warm_pool().map(|p| p.demand());
+        let permit = self.admit(memory_mb).await?;
+        let bound = match &self.inner.admission {
+            Some(a) => a.config().timeout,
+            None => self.inner.manager.config().slot_timeout,
+        };
+        let slot = self
+            .inner
+            .manager
+            .reserve_slot(bound.saturating_sub(started.elapsed()))
+            .await?;
+        Ok((permit, slot, started.elapsed()))
+    }
+
     async fn create_vm(
         &self,
+        slot: VmSlot,
         language: crate::Language,
         memory_mb: u32,
         network: NetworkPolicy,
@@ -250,13 +274,17 @@ impl Scheduler {
     ) -> Result<crate::manager::Vm> {
         self.inner
             .manager
-            .create_vm(VmOptions {
-                language,
-                memory_mb,
-                network,
-                tenant: tenant.clone(),
-                boot_log: opts.boot_log.clone(),
-            })
+            .create_vm_with_slot(
+                slot,
+                VmOptions {
+                    language,
+                    memory_mb,
+                    network,
+                    tenant: tenant.clone(),
+                    boot_log: opts.boot_log.clone(),
+                    slot_wait: None,
+                },
+            )
             .await
     }
 
@@ -286,14 +314,20 @@ impl Scheduler {
         let (vm, _permit) = match pooled {
             Some(p) => (p.vm, p.permit),
             None => {
-                let t = Instant::now();
-                let permit = self.admit(req.memory_mb).await?;
-                timing.admission_ms = millis(t.elapsed());
+                let (permit, slot, waited) = self.capacity(req.memory_mb).await?;
+                timing.admission_ms = millis(waited);
                 let vm = self
-                    .create_vm(req.language, req.memory_mb, network, &req.tenant, &opts)
+                    .create_vm(
+                        slot,
+                        req.language,
+                        req.memory_mb,
+                        network,
+                        &req.tenant,
+                        &opts,
+                    )
                     .await?;
                 let b = vm.boot_timings();
-                timing.setup_ms = b.setup_ms + b.slot_ms;
+                timing.setup_ms = b.setup_ms;
                 timing.overlay_ms = b.overlay_ms;
                 timing.boot_ms = b.boot_ms;
                 timing.guest_wait_ms = b.guest_wait_ms;
@@ -309,7 +343,11 @@ impl Scheduler {
         let exposed_ports = vm.exposed_ports().to_vec();
         timing.teardown_ms = millis(vm.destroy().await);
         let outcome = outcome?;
-        timing.execute_ms = outcome.round_trip_ms;
+        timing.set_execute(
+            outcome.round_trip_ms,
+            outcome.spawn_ms,
+            outcome.execution_ms,
+        );
         timing.finish(started.elapsed());
         Ok(outcome.into_result(usage, timing, warm_pool_hit, exposed_ports))
     }
@@ -318,10 +356,17 @@ impl Scheduler {
     pub async fn session(&self, mut req: SessionRequest, opts: RunOptions) -> Result<Session> {
         self.check_running()?;
         req.validate()?;
-        let permit = self.admit(req.memory_mb).await?;
+        let (permit, slot, _waited) = self.capacity(req.memory_mb).await?;
         let network = NetworkPolicy::from_request(&req.network);
         let vm = self
-            .create_vm(req.language, req.memory_mb, network, &req.tenant, &opts)
+            .create_vm(
+                slot,
+                req.language,
+                req.memory_mb,
+                network,
+                &req.tenant,
+                &opts,
+            )
             .await?;
         let session = Session::start(
             vm,

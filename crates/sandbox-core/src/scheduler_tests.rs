@@ -335,6 +335,193 @@ async fn warm_pool_hits_and_refills() {
     assert_clean(&h).await;
 }
 
+fn h_slots(cfg: SchedulerConfig, max_vms: usize) -> H {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, counters, channel) = fake_manager(dir.path(), max_vms);
+    let sched = Scheduler::new(cfg, manager).unwrap();
+    sched.start().unwrap();
+    H {
+        _dir: dir,
+        sched,
+        counters,
+        channel,
+    }
+}
+
+/// Waits (bounded) until the pool holds `n` VMs in all.
+async fn pool_holds(h: &H, n: usize) {
+    let pool = h.sched.warm_pool().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pool.ready_counts().values().sum::<usize>() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pool never held {n} VMs: {:?}",
+            pool.ready_counts()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// With the pool holding all the capacity (2 VMs), runs requests for a language the pool
+/// does not hold (a miss that only an eviction can serve) and for one it holds (a hit).
+/// None may wait for long: a hang fails the test.
+async fn runs_never_hang(h: &H) {
+    let pool = h.sched.warm_pool().unwrap();
+    for round in 0..4 {
+        pool_holds(h, 2).await;
+        let counts = pool.ready_counts();
+        let missing = *counts.iter().find(|(_, n)| **n == 0).unwrap().0;
+        let present = *counts.iter().find(|(_, n)| **n > 0).unwrap().0;
+        let evicted_before = pool.evicted();
+        for (lang, hit) in [(missing, false), (present, true)] {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                h.sched
+                    .run(RunRequest::new(lang, "x"), RunOptions::default()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: a {lang} run hung behind idle pooled VMs"))
+            .unwrap();
+            assert_eq!(r.exit_code, 0);
+            assert_eq!(r.warm_pool_hit, hit, "round {round}: {lang}");
+        }
+        assert!(
+            pool.evicted() > evicted_before,
+            "round {round}: nothing evicted"
+        );
+    }
+    pool_holds(h, 2).await;
+    let counts = pool.ready_counts();
+    let missing = *counts.iter().find(|(_, n)| **n == 0).unwrap().0;
+    let s = tokio::time::timeout(
+        Duration::from_secs(5),
+        h.sched
+            .session(SessionRequest::new(missing), RunOptions::default()),
+    )
+    .await
+    .expect("a session hung behind idle pooled VMs")
+    .unwrap();
+    s.close().await;
+}
+
+#[tokio::test]
+async fn idle_pooled_vms_never_starve_requests_for_slots() {
+    // One warm VM per language (3) but only 2 VM slots: the pool alone fills every slot.
+    let h = h_slots(
+        SchedulerConfig {
+            warm_pool_size: 1,
+            ..Default::default()
+        },
+        2,
+    );
+    pool_holds(&h, 2).await;
+    runs_never_hang(&h).await;
+    h.sched.stop().await;
+    assert_clean(&h).await;
+}
+
+#[tokio::test]
+async fn idle_pooled_vms_never_starve_requests_for_admission() {
+    // Admission fits 2 VMs (2 CPUs at one per VM) and waits up to a minute: smaller than
+    // the pool of 3, and a request stuck behind the pool would hang the test.
+    let h = h(SchedulerConfig {
+        warm_pool_size: 1,
+        admission: Some(AdmissionConfig {
+            cpu_overcommit: 1.0,
+            cpu_reserve_cores: 0.5,
+            timeout: Duration::from_secs(60),
+            ..AdmissionConfig::for_host(100_000, 2.5)
+        }),
+        ..Default::default()
+    });
+    pool_holds(&h, 2).await;
+    runs_never_hang(&h).await;
+    h.sched.stop().await;
+    assert_clean(&h).await;
+}
+
+#[tokio::test]
+async fn requests_with_free_capacity_evict_nothing_and_capacity_waits_are_bounded() {
+    let h = h_slots(
+        SchedulerConfig {
+            warm_pool_size: 1,
+            ..Default::default()
+        },
+        8,
+    );
+    assert!(h.sched.wait_pool_ready(Duration::from_secs(5)).await);
+    let mut req = RunRequest::new(Language::Python, "x");
+    req.memory_mb = 256; // not eligible for the pool: boots
+    let r = h.sched.run(req, RunOptions::default()).await.unwrap();
+    assert!(!r.warm_pool_hit);
+    assert_eq!(h.sched.warm_pool().unwrap().evicted(), 0);
+    h.sched.stop().await;
+
+    // Without a pool, a request that finds every slot taken fails with a capacity error
+    // after the bound instead of waiting forever.
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, _counters, _channel) = crate::testing::fake_manager_with(dir.path(), |c| {
+        c.max_vms = 1;
+        c.slot_timeout = Duration::from_millis(100);
+    });
+    let sched = Scheduler::new(SchedulerConfig::default(), manager).unwrap();
+    sched.start().unwrap();
+    let held = sched
+        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let err = sched
+        .run(
+            RunRequest::new(Language::Python, "x"),
+            RunOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Transient(TransientCause::Capacity));
+    assert!(t.elapsed() < Duration::from_secs(3));
+    held.close().await;
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn admission_wait_is_reported_in_admission_ms() {
+    let h = h(SchedulerConfig {
+        admission: Some(AdmissionConfig {
+            cpu_overcommit: 1.0,
+            cpu_reserve_cores: 0.5,
+            timeout: Duration::from_secs(10),
+            ..AdmissionConfig::for_host(100_000, 1.5)
+        }),
+        ..Default::default()
+    });
+    let held = h
+        .sched
+        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .await
+        .unwrap();
+    let closer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        held.close().await;
+    });
+    let r = h
+        .sched
+        .run(
+            RunRequest::new(Language::Python, "x"),
+            RunOptions::default(),
+        )
+        .await
+        .unwrap();
+    closer.await.unwrap();
+    assert!(r.timing.admission_ms >= 250, "{:?}", r.timing);
+    assert!(r.timing.setup_ms < 250, "{:?}", r.timing);
+    assert_eq!(
+        r.timing.execute_ms,
+        r.timing.connect_ms + r.timing.spawn_ms + r.timing.process_ms
+    );
+    h.sched.stop().await;
+}
+
 #[tokio::test]
 async fn admission_bounds_concurrent_vms() {
     // Budget: 1000 × 0.92 × 1 = 920 MiB; each VM needs 192 + 208 = 400 → 2 at once.

@@ -244,7 +244,7 @@ impl Session {
         mut req: ExecRequest,
         callbacks: &OutputCallbacks,
     ) -> Result<ExecutionResult> {
-        req.validate()?;
+        req.validate(self.inner.language)?;
         let started = Instant::now();
         let (vm, activity) = self.guard().await?;
         let outcome = vm.exec(self.inner.language, &req, callbacks).await;
@@ -256,10 +256,12 @@ impl Session {
             Err(e) => return Err(self.after_error(e).await),
         };
         self.inner.exec_count.fetch_add(1, Ordering::SeqCst);
-        let mut timing = TimingBreakdown {
-            execute_ms: outcome.round_trip_ms,
-            ..Default::default()
-        };
+        let mut timing = TimingBreakdown::default();
+        timing.set_execute(
+            outcome.round_trip_ms,
+            outcome.spawn_ms,
+            outcome.execution_ms,
+        );
         timing.finish(started.elapsed());
         let result = outcome.into_result(usage, timing, false, self.inner.exposed_ports.clone());
         if result.exit_code == SESSION_FATAL_EXIT {

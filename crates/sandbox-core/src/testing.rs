@@ -639,6 +639,14 @@ pub fn fake_manager(
     dir: &std::path::Path,
     max_vms: usize,
 ) -> (crate::manager::VmManager, Arc<FakeCounters>, FakeChannel) {
+    fake_manager_with(dir, |cfg| cfg.max_vms = max_vms)
+}
+
+/// [`fake_manager`] with the configuration adjusted by `tune`.
+pub fn fake_manager_with(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
+) -> (crate::manager::VmManager, Arc<FakeCounters>, FakeChannel) {
     let counters = Arc::new(FakeCounters::default());
     let assets = crate::manager::GuestAssets::in_dir(dir);
     for p in [&assets.kernel, &assets.initramfs]
@@ -660,8 +668,8 @@ pub fn fake_manager(
         dir.join("work"),
         crate::ports::Accelerator::Tcg,
     );
-    cfg.max_vms = max_vms;
     cfg.boot_timeout = Duration::from_secs(2);
+    tune(&mut cfg);
     (
         crate::manager::VmManager::new(cfg, ports),
         counters,

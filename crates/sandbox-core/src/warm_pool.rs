@@ -4,9 +4,14 @@
 //! One refill task per language keeps the pool at its target size (serialized per
 //! language). A health check runs periodically: a VM that is dead or does not answer a
 //! warm-up within a bound is destroyed and replaced, never handed out.
+//!
+//! Pooled VMs exist to serve requests, so they never starve one: refills take capacity
+//! (admission share and VM slot) only when it is free at once and nobody waits for it, and
+//! while a request waits for capacity ([`WarmPool::demand`]) refills pause and idle pooled
+//! VMs are evicted, one at a time, until the request got what it needs or the pool is empty.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::Language;
 use crate::admission::{Admission, AdmissionPermit};
+use crate::error::{ErrorKind, TransientCause};
 use crate::manager::{Vm, VmManager, VmOptions};
 
 /// Warm pool settings.
@@ -70,6 +76,36 @@ struct Inner {
     hits: AtomicU64,
     misses: AtomicU64,
     replaced: AtomicU64,
+    evicted: AtomicU64,
+    /// Requests waiting for capacity right now.
+    demand: AtomicUsize,
+    /// Wakes the reclaim task: demand rose, or a VM came (back) into a lane.
+    pressure: Notify,
+}
+
+/// How long a request must have waited before pooled VMs are evicted for it (requests
+/// that get capacity at once evict nothing), and the pause between two evictions.
+const RECLAIM_GRACE: Duration = Duration::from_millis(25);
+
+/// A request waiting for capacity; while any is held, refills pause and idle pooled VMs
+/// are evicted. Dropped when the request has its capacity (or gave up).
+#[derive(Debug)]
+pub struct DemandGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for DemandGuard {
+    fn drop(&mut self) {
+        self.inner.demand.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WarmPoolInner")
+            .field("demand", &self.demand.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Pre-booted VMs per language.
@@ -104,6 +140,9 @@ impl WarmPool {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             replaced: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            demand: AtomicUsize::new(0),
+            pressure: Notify::new(),
         });
         let mut tasks = Vec::new();
         if inner.cfg.size > 0 {
@@ -117,6 +156,8 @@ impl WarmPool {
             }
             let inner2 = inner.clone();
             tasks.push(tokio::spawn(async move { health_loop(inner2).await }));
+            let inner2 = inner.clone();
+            tasks.push(tokio::spawn(async move { reclaim_loop(inner2).await }));
         }
         Self {
             inner,
@@ -153,6 +194,21 @@ impl WarmPool {
             .iter()
             .map(|(l, lane)| (*l, lane.ready.lock().map(|q| q.len()).unwrap_or(0)))
             .collect()
+    }
+
+    /// Marks a request waiting for capacity until the guard is dropped: refills pause and,
+    /// once the wait lasts, idle pooled VMs are destroyed to give their capacity back.
+    pub fn demand(&self) -> DemandGuard {
+        self.inner.demand.fetch_add(1, Ordering::SeqCst);
+        self.inner.pressure.notify_one();
+        DemandGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Pooled VMs destroyed to give their capacity to a waiting request.
+    pub fn evicted(&self) -> u64 {
+        self.inner.evicted.load(Ordering::Relaxed)
     }
 
     /// (hits, misses, replaced) counters.
@@ -209,16 +265,24 @@ impl WarmPool {
     }
 }
 
-async fn boot_one(inner: &Inner, language: Language) -> Option<PooledVm> {
+/// Why a refill did not produce a VM.
+enum Refill {
+    /// No capacity free right now (not a failure: requests come first).
+    NoCapacity,
+    /// The boot or the warm-up failed.
+    Failed,
+}
+
+async fn boot_one(inner: &Inner, language: Language) -> std::result::Result<PooledVm, Refill> {
     let permit = match &inner.admission {
         Some(a) => {
             let mem = f64::from(inner.cfg.memory_mb) + inner.manager.config().vm_overhead_mb as f64;
             let cpus = f64::from(inner.manager.config().vcpus);
-            match a.acquire(mem, cpus).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    debug!(%language, error = %e, "warm pool: no capacity");
-                    return None;
+            match a.try_acquire(mem, cpus) {
+                Some(p) => Some(p),
+                None => {
+                    debug!(%language, "warm pool: no capacity free");
+                    return Err(Refill::NoCapacity);
                 }
             }
         }
@@ -226,24 +290,30 @@ async fn boot_one(inner: &Inner, language: Language) -> Option<PooledVm> {
     };
     let mut opts = VmOptions::new(language);
     opts.memory_mb = inner.cfg.memory_mb;
+    // Never queue for a slot: a request may be waiting for it.
+    opts.slot_wait = Some(Duration::ZERO);
     let vm = match inner.manager.create_vm(opts).await {
         Ok(vm) => vm,
+        Err(e) if e.kind() == ErrorKind::Transient(TransientCause::Capacity) => {
+            debug!(%language, error = %e, "warm pool: no VM slot free");
+            return Err(Refill::NoCapacity);
+        }
         Err(e) => {
             warn!(%language, error = %e, "warm pool: boot failed");
-            return None;
+            return Err(Refill::Failed);
         }
     };
     match tokio::time::timeout(inner.cfg.health_timeout * 4, vm.warm_up(language)).await {
-        Ok(Ok(())) => Some(PooledVm { vm, permit }),
+        Ok(Ok(())) => Ok(PooledVm { vm, permit }),
         Ok(Err(e)) => {
             warn!(%language, error = %e, "warm pool: REPL warm-up failed; VM not pooled");
             vm.destroy().await;
-            None
+            Err(Refill::Failed)
         }
         Err(_) => {
             warn!(%language, "warm pool: REPL warm-up timed out; VM not pooled");
             vm.destroy().await;
-            None
+            Err(Refill::Failed)
         }
     }
 }
@@ -259,8 +329,13 @@ async fn refill_loop(inner: Arc<Inner>, language: Language, lane: Arc<Lane>) {
             lane.refill.notified().await;
             continue;
         }
+        if inner.demand.load(Ordering::SeqCst) > 0 {
+            // A request waits for capacity: it goes first.
+            tokio::time::sleep(RECLAIM_GRACE * 2).await;
+            continue;
+        }
         match boot_one(&inner, language).await {
-            Some(p) => {
+            Ok(p) => {
                 failures = 0;
                 if inner.stopped.load(Ordering::SeqCst) {
                     p.vm.destroy().await;
@@ -269,8 +344,18 @@ async fn refill_loop(inner: Arc<Inner>, language: Language, lane: Arc<Lane>) {
                 if let Ok(mut q) = lane.ready.lock() {
                     q.push_back(p);
                 }
+                // A request may have started waiting while this VM booted.
+                inner.pressure.notify_one();
             }
-            None => {
+            Err(Refill::NoCapacity) => {
+                let delay = crate::manager::backoff_delay(
+                    Duration::from_millis(250),
+                    Duration::from_secs(2),
+                    1,
+                );
+                tokio::time::sleep(delay).await;
+            }
+            Err(Refill::Failed) => {
                 failures = failures.saturating_add(1);
                 let delay = crate::manager::backoff_delay(
                     Duration::from_millis(500),
@@ -278,6 +363,45 @@ async fn refill_loop(inner: Arc<Inner>, language: Language, lane: Arc<Lane>) {
                     failures,
                 );
                 tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Removes the newest VM of the fullest lane.
+fn pop_idle(inner: &Inner) -> Option<PooledVm> {
+    let lane = inner
+        .lanes
+        .values()
+        .max_by_key(|l| l.ready.lock().map(|q| q.len()).unwrap_or(0))?;
+    lane.ready.lock().ok()?.pop_back()
+}
+
+/// While requests wait for capacity, destroys idle pooled VMs one at a time (after a
+/// short grace, so requests served at once evict nothing).
+async fn reclaim_loop(inner: Arc<Inner>) {
+    loop {
+        if inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.demand.load(Ordering::SeqCst) == 0 {
+            inner.pressure.notified().await;
+            continue;
+        }
+        tokio::time::sleep(RECLAIM_GRACE).await;
+        if inner.demand.load(Ordering::SeqCst) == 0 {
+            continue;
+        }
+        match pop_idle(&inner) {
+            Some(p) => {
+                debug!(vm_id = %p.vm.id(), "warm pool: idle VM evicted for a waiting request");
+                inner.evicted.fetch_add(1, Ordering::Relaxed);
+                p.vm.destroy().await;
+                drop(p.permit);
+            }
+            None => {
+                // Nothing idle: wait for a VM to come (back) into a lane, or poll.
+                let _ = tokio::time::timeout(RECLAIM_GRACE * 4, inner.pressure.notified()).await;
             }
         }
     }
@@ -318,6 +442,7 @@ async fn health_loop(inner: Arc<Inner>) {
                 }
             }
             lane.refill.notify_one();
+            inner.pressure.notify_one();
         }
     }
 }

@@ -282,20 +282,11 @@ async fn run_single_with_files(
     let mut sreq = SessionRequest::new(src.language);
     sreq.memory_mb = base.memory_mb;
     sreq.network = base.network.clone();
+    let uploads = check_uploads(&args.upload)?;
     let session = sbx.scheduler().session(sreq, opts.clone()).await?;
     let result = async {
-        for up in &args.upload {
-            let (local, guest) = up
-                .split_once(':')
-                .ok_or_else(|| Error::input("upload", format!("{up:?}: expected LOCAL:GUEST")))?;
-            let local = expand_tilde(local);
-            if !local.is_file() {
-                return Err(Error::input(
-                    "upload",
-                    format!("{}: no such file", local.display()),
-                ));
-            }
-            session.upload(&local, guest, false).await?;
+        for (local, guest) in &uploads {
+            session.upload(local, guest, false).await?;
         }
         let mut exec = ExecRequest::new(src.code.clone());
         exec.timeout_secs = base.timeout_secs;
@@ -319,6 +310,39 @@ async fn run_single_with_files(
     .await;
     session.close().await;
     result
+}
+
+/// `--upload LOCAL:GUEST` values, checked before any VM work: the split, an existing local
+/// file, a guest path that stays in the home directory.
+fn check_uploads(specs: &[String]) -> Result<Vec<(PathBuf, String)>, Error> {
+    specs
+        .iter()
+        .map(|up| {
+            let (local, guest) = up
+                .split_once(':')
+                .ok_or_else(|| Error::input("upload", format!("{up:?}: expected LOCAL:GUEST")))?;
+            let local = expand_tilde(local);
+            if !local.is_file() {
+                return Err(Error::input(
+                    "upload",
+                    format!("{}: no such file", local.display()),
+                ));
+            }
+            guest_proto::limits::normalize_guest_path(guest, false)
+                .map_err(|e| Error::input("upload", format!("{up:?}: {e}")))?;
+            Ok((local, guest.to_owned()))
+        })
+        .collect()
+}
+
+/// `--download GUEST[:LOCAL]` guest paths, checked before any VM work.
+fn check_downloads(specs: &[String]) -> Result<(), Error> {
+    for down in specs {
+        let guest = down.split_once(':').map_or(down.as_str(), |(g, _)| g);
+        guest_proto::limits::normalize_guest_path(guest, false)
+            .map_err(|e| Error::input("download", format!("{down:?}: {e}")))?;
+    }
+    Ok(())
 }
 
 fn expand_tilde(p: &str) -> PathBuf {
@@ -354,6 +378,9 @@ async fn cmd_run(args: RunArgs) -> i32 {
     }
     if (!args.upload.is_empty() || !args.download.is_empty()) && sources.len() != 1 {
         return usage("--upload/--download need exactly one source");
+    }
+    if let Err(e) = check_uploads(&args.upload).and_then(|_| check_downloads(&args.download)) {
+        return usage(e.to_string());
     }
     let mut requests = Vec::new();
     for src in &sources {

@@ -230,6 +230,28 @@ async fn input_errors_have_kinds_and_statuses() {
         (s, e["field"].as_str()),
         (StatusCode::BAD_REQUEST, Some("code"))
     );
+    // Language-dependent rules too: raw code takes shell variable names only.
+    let launches = h
+        .counters
+        .launches
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let (s, e) = error_of(
+        send(r#"{"code": "echo", "language": "raw", "env": {"BAD-KEY": "1"}}"#)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, e["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("env.BAD-KEY"))
+    );
+    assert_eq!(
+        h.counters
+            .launches
+            .load(std::sync::atomic::Ordering::SeqCst),
+        launches,
+        "an input error booted a VM"
+    );
 
     // Failures of the code's run map by kind.
     let (s, e) = error_of(send(r#"{"code": "limit"}"#).await.unwrap()).await;

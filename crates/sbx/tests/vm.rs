@@ -547,9 +547,22 @@ fn cli_exit_statuses_and_json() {
         "boot_ms",
         "execute_ms",
         "admission_ms",
+        "connect_ms",
+        "spawn_ms",
+        "process_ms",
     ] {
         assert!(v["timing"][k].is_u64(), "timing.{k} in {v}");
     }
+    let t = &v["timing"];
+    assert_eq!(
+        t["execute_ms"].as_u64(),
+        Some(
+            t["connect_ms"].as_u64().unwrap()
+                + t["spawn_ms"].as_u64().unwrap()
+                + t["process_ms"].as_u64().unwrap()
+        ),
+        "execute = connect + spawn + process: {t}"
+    );
     assert_eq!(v["warm_pool_hit"], false);
 
     let out = sbx_bin()

@@ -204,6 +204,71 @@ fn network_flag_usage_errors_exit_2_before_any_vm() {
     assert!(!work.exists(), "a usage error set up a sandbox work dir");
 }
 
+/// Every input rule, the language-dependent ones included (shell variable names for raw
+/// code), is checked before any VM work: exit status 2, no work dir, with assets that do
+/// not exist (getting any further would end in status 125).
+#[test]
+fn input_errors_exit_2_before_any_vm() {
+    let work = PathBuf::from(format!("{}-input", work_dir().display()));
+    let file = std::env::temp_dir().join(format!("sbx-input-{}.txt", std::process::id()));
+    std::fs::write(&file, b"x").unwrap();
+    let up_escape = format!("{}:../x", file.display());
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec!["-l", "raw", "-e", "BAD-KEY=1"],
+            "echo hi",
+            "not a valid shell variable name",
+        ),
+        (
+            vec!["-l", "RAW", "-e", "1X=1"],
+            "echo hi",
+            "shell variable name",
+        ),
+        (vec!["-e", "LD_PRELOAD=/x.so"], "print(1)", "not allowed"),
+        (vec!["-e", "NOEQUALS"], "print(1)", "NOEQUALS"),
+        (vec!["-t", "0"], "print(1)", "timeout"),
+        (vec!["-m", "64"], "print(1)", "memory"),
+        (vec!["--upload", "no-colon"], "print(1)", "LOCAL:GUEST"),
+        (
+            vec!["--upload", "/nonexistent/sbx-file:x"],
+            "print(1)",
+            "no such file",
+        ),
+        (vec!["--upload", &up_escape], "print(1)", "escapes"),
+        (vec!["--download", "/etc/passwd"], "print(1)", "relative"),
+    ];
+    for (args, code, want) in &cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_sbx"))
+            .env("SBX_WORK_DIR", &work)
+            .env("SBX_ASSETS_DIR", "/nonexistent/sbx-assets")
+            .env("SBX_LOG", "error")
+            .args(["run", "-q"])
+            .args(args)
+            .arg(code)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // Python and JavaScript take names a shell cannot: only raw refuses them.
+    let out = Command::new(env!("CARGO_BIN_EXE_sbx"))
+        .env("SBX_WORK_DIR", &work)
+        .env("SBX_ASSETS_DIR", "/nonexistent/sbx-assets")
+        .env("SBX_LOG", "error")
+        .args(["run", "-q", "-e", "BAD-KEY=1", "print(1)"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "python with BAD-KEY gets past input checks"
+    );
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// `--expose INTERNAL:EXTERNAL` alone (ports-only): a one-request HTTP server in the guest
 /// answers the test on 127.0.0.1:EXTERNAL, while every guest-initiated connection and DNS
 /// query is refused; the listener is gone once the command has exited.

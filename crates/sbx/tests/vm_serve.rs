@@ -171,3 +171,89 @@ async fn http_run_session_files_streaming_and_shutdown() {
     sbx.stop().await;
     assert_eq!(wait_no_qemu(), 0);
 }
+
+/// The pool holds `n` VMs in all, within a bound that covers cold boots under TCG.
+async fn pool_holds(
+    sbx: &Sbx,
+    n: usize,
+) -> std::collections::BTreeMap<sandbox_core::Language, usize> {
+    let pool = sbx.scheduler().warm_pool().expect("a warm pool");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let counts = pool.ready_counts();
+        if counts.values().sum::<usize>() >= n {
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never held {n} VMs: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 19 §1: with `SBX_WARM_POOL=1 SBX_MAX_VMS=2` the pool (one VM per language, three)
+/// is larger than the budget, so idle pooled VMs hold every slot. A run for a language the
+/// pool holds is a hit; a run for one it lacks evicts an idle pooled VM instead of waiting
+/// for a slot. None may hang (the client gives up after 90 s), and the timing splits as
+/// documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn warm_pool_larger_than_the_budget_never_hangs_a_run() {
+    let mut cfg = config(1);
+    cfg.max_vms = 2;
+    let sbx = Sbx::start(cfg).await.expect("sbx starts");
+    let srv = spawn_for_test(sbx.scheduler().clone()).await.unwrap();
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    let code = |lang: sandbox_core::Language| match lang {
+        sandbox_core::Language::Python => "print('ok')",
+        sandbox_core::Language::Javascript => "console.log('ok')",
+        sandbox_core::Language::Raw => "echo ok",
+    };
+    let pool = sbx.scheduler().warm_pool().unwrap();
+    for round in 0..3 {
+        // Every slot is held by an idle pooled VM again.
+        let counts = pool_holds(&sbx, 2).await;
+        let (lang, hit) = if round == 0 {
+            (*counts.iter().find(|(_, n)| **n > 0).unwrap().0, true)
+        } else {
+            (*counts.iter().find(|(_, n)| **n == 0).unwrap().0, false)
+        };
+        let evicted = pool.evicted();
+        let started = Instant::now();
+        let r = c
+            .post(srv.url("/v1/run"))
+            .bearer_auth(&srv.token)
+            .json(&json!({"code": code(lang), "language": lang.to_string()}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {lang} run hung or failed: {e}"));
+        assert_eq!(r.status(), StatusCode::OK, "{lang}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["stdout"], "ok\n", "{lang}: {v}");
+        assert_eq!(v["warm_pool_hit"], hit, "{lang}: {v}");
+        if !hit {
+            assert!(
+                pool.evicted() > evicted,
+                "round {round}: the miss evicted nothing"
+            );
+        }
+        let t = &v["timing"];
+        let part = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("timing.{k} in {v}"));
+        assert_eq!(
+            part("execute_ms"),
+            part("connect_ms") + part("spawn_ms") + part("process_ms"),
+            "{t}"
+        );
+        eprintln!(
+            "round {round}: {lang} hit {hit}, {} ms, timing {t}",
+            started.elapsed().as_millis()
+        );
+    }
+    srv.shutdown().await.unwrap();
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
+}

@@ -247,10 +247,20 @@ pub struct TimingInfo {
     pub setup_ms: u64,
     /// QEMU spawn to guest ready (0 on a warm-pool hit and in sessions).
     pub boot_ms: u64,
-    /// The exec round trip.
+    /// The exec round trip (`connect_ms + spawn_ms + process_ms`).
     pub execute_ms: u64,
-    /// Waiting for capacity.
+    /// Waiting for capacity: the admission budget and a VM slot.
     pub admission_ms: u64,
+    /// Part of `execute_ms`: host↔guest transport of the exec.
+    #[serde(default)]
+    pub connect_ms: u64,
+    /// Part of `execute_ms`: the guest starting the interpreter or handing the code to its
+    /// warm REPL.
+    #[serde(default)]
+    pub spawn_ms: u64,
+    /// Part of `execute_ms`: the code running, as the guest measured it.
+    #[serde(default)]
+    pub process_ms: u64,
 }
 
 /// The outcome of a run or exec: the same fields as `sbx run --json`.
@@ -289,6 +299,9 @@ impl From<&ExecutionResult> for RunResult {
                 boot_ms: r.timing.boot_ms,
                 execute_ms: r.timing.execute_ms,
                 admission_ms: r.timing.admission_ms,
+                connect_ms: r.timing.connect_ms,
+                spawn_ms: r.timing.spawn_ms,
+                process_ms: r.timing.process_ms,
             },
             warm_pool_hit: r.warm_pool_hit,
             memory_peak_mb: r.memory_peak_mb,

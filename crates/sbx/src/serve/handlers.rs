@@ -318,7 +318,7 @@ pub async fn exec(
     let session = lookup(&state, &id, &caller)?;
     let b: ExecBody = read_json(&headers, body, state.inner.config.max_body_bytes, false).await?;
     let mut req = b.to_request(state.inner.scheduler.config());
-    req.validate()?;
+    req.validate(session.language())?;
     let metrics = state.inner.metrics.clone();
     let ndjson = stream::wants_ndjson(&headers);
     let (callbacks, rx) = if ndjson {

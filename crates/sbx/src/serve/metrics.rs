@@ -216,6 +216,12 @@ impl Metrics {
                     ("result=\"replaced\"", replaced),
                 ],
             );
+            counter(
+                &mut out,
+                "sbx_warm_pool_evicted_total",
+                "Idle warm-pool VMs destroyed to give their capacity to a waiting request.",
+                &[("", pool.evicted())],
+            );
             let _ = writeln!(
                 out,
                 "# HELP sbx_warm_pool_ready Ready warm VMs per language."
