@@ -604,3 +604,100 @@ fn config_ranges_are_validated() {
     }
     assert!(SchedulerConfig::default().validate().is_ok());
 }
+
+fn h_net() -> (H, crate::testing::FakeNetwork) {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, counters, channel, network) =
+        crate::testing::fake_manager_with_network(dir.path(), |_| {});
+    let sched = Scheduler::new(
+        SchedulerConfig {
+            warm_pool_size: 1,
+            ..Default::default()
+        },
+        manager,
+    )
+    .unwrap();
+    sched.start().unwrap();
+    (
+        H {
+            _dir: dir,
+            sched,
+            counters,
+            channel,
+        },
+        network,
+    )
+}
+
+#[tokio::test]
+async fn network_requests_boot_with_their_own_proxy_and_release_it() {
+    let (h, _net) = h_net();
+    assert!(h.sched.wait_pool_ready(Duration::from_secs(5)).await);
+    // The pool's VMs have no network.
+    let pooled = h.counters.launched_specs.lock().unwrap().clone();
+    assert!(
+        pooled
+            .iter()
+            .all(|(att, args)| att.is_none() && args.is_empty())
+    );
+    assert_eq!(h.counters.networks_started.load(Ordering::SeqCst), 0);
+
+    let mut req = RunRequest::new(Language::Python, "x");
+    req.network.allow_network = true;
+    req.network.allowed_domains = vec!["example.com".into()];
+    req.network.expose_ports = vec![crate::request::PortMapping::tcp(8000)];
+    let r = h.sched.run(req, RunOptions::default()).await.unwrap();
+    // Never a pooled VM: a fresh one with its own network.
+    assert!(!r.warm_pool_hit);
+    assert_eq!(r.exposed_ports.len(), 1);
+    assert_eq!(
+        (r.exposed_ports[0].internal, r.exposed_ports[0].external),
+        (8000, 18000)
+    );
+    let specs = h.counters.launched_specs.lock().unwrap().clone();
+    let (att, args) = specs.last().unwrap();
+    assert!(
+        matches!(att, Some(crate::ports::NetworkAttachment::UnixStream { socket }) if socket.ends_with("net.sock"))
+    );
+    assert_eq!(args, &vec!["sbx.net=fake".to_owned()]);
+    assert_eq!(h.counters.networks_started.load(Ordering::SeqCst), 1);
+
+    // Sessions too; closing stops the network.
+    let mut sreq = SessionRequest::new(Language::Raw);
+    sreq.network.expose_ports = vec![crate::request::PortMapping::tcp(22)];
+    let s = h.sched.session(sreq, RunOptions::default()).await.unwrap();
+    assert_eq!(h.counters.networks_started.load(Ordering::SeqCst), 2);
+    s.close().await;
+    h.sched.stop().await;
+    assert_clean(&h).await;
+    assert_eq!(h.counters.networks_stopped.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_network_that_fails_to_start_releases_everything_and_launches_nothing() {
+    let (h, net) = h_net();
+    assert!(h.sched.wait_pool_ready(Duration::from_secs(5)).await);
+    let launches = h.counters.launches.load(Ordering::SeqCst);
+    net.fail_start.store(true, Ordering::SeqCst);
+    let mut req = RunRequest::new(Language::Python, "x");
+    req.network.expose_ports = vec![crate::request::PortMapping::tcp(8000)];
+    let err = h.sched.run(req, RunOptions::default()).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(h.counters.launches.load(Ordering::SeqCst), launches);
+    assert_eq!(h.counters.networks_started.load(Ordering::SeqCst), 0);
+    h.sched.stop().await;
+    assert_clean(&h).await;
+}
+
+#[tokio::test]
+async fn networking_without_a_proxy_is_a_configuration_error_before_any_vm_work() {
+    let h = h(SchedulerConfig::default());
+    let mut req = RunRequest::new(Language::Python, "x");
+    req.network.allow_network = true;
+    let err = h.sched.run(req, RunOptions::default()).await.unwrap_err();
+    assert!(matches!(err.kind(), ErrorKind::Permanent(_)), "{err}");
+    assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
+    assert_eq!(h.counters.overlays_acquired.load(Ordering::SeqCst), 0);
+    assert_eq!(h.sched.manager().free_slots(), 16);
+    h.sched.stop().await;
+}

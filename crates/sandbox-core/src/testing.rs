@@ -534,6 +534,12 @@ pub struct FakeCounters {
     pub limits_removed: AtomicUsize,
     /// Processes launched, to count kills and crash them.
     pub processes: Mutex<Vec<FakeProcess>>,
+    /// Networks started by [`FakeNetwork`].
+    pub networks_started: AtomicUsize,
+    /// Networks stopped by [`FakeNetwork`].
+    pub networks_stopped: AtomicUsize,
+    /// The network attachment and kernel arguments of every launched VM, in order.
+    pub launched_specs: Mutex<Vec<(Option<crate::ports::NetworkAttachment>, Vec<String>)>>,
 }
 
 impl FakeCounters {
@@ -545,12 +551,14 @@ impl FakeCounters {
             .unwrap_or(0)
     }
 
-    /// True when every overlay and limit was released.
+    /// True when every overlay, limit and network was released.
     pub fn all_released(&self) -> bool {
         self.overlays_acquired.load(Ordering::SeqCst)
             == self.overlays_released.load(Ordering::SeqCst)
             && self.limits_created.load(Ordering::SeqCst)
                 == self.limits_removed.load(Ordering::SeqCst)
+            && self.networks_started.load(Ordering::SeqCst)
+                == self.networks_stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -560,7 +568,10 @@ pub struct FakeHypervisor(pub Arc<FakeCounters>);
 
 #[async_trait]
 impl crate::ports::Hypervisor for FakeHypervisor {
-    async fn launch(&self, _spec: &crate::ports::VmSpec) -> Result<Box<dyn VmProcess>> {
+    async fn launch(&self, spec: &crate::ports::VmSpec) -> Result<Box<dyn VmProcess>> {
+        if let Ok(mut specs) = self.0.launched_specs.lock() {
+            specs.push((spec.network.clone(), spec.kernel_args.clone()));
+        }
         let n = self.0.launches.fetch_add(1, Ordering::SeqCst);
         let p = FakeProcess::new(1000 + n as u32);
         if let Ok(mut v) = self.0.processes.lock() {
@@ -634,6 +645,82 @@ impl crate::ports::ResourceLimiter for FakeLimiter {
     }
 }
 
+/// A network proxy that forwards nothing: it hands out a socket path, the guest kernel
+/// argument and one exposed port per mapping (external = internal + 10000 unless given),
+/// and counts starts and stops. Starting fails while `fail_start` is set.
+#[derive(Debug, Clone)]
+pub struct FakeNetwork {
+    /// Shared counters.
+    pub counters: Arc<FakeCounters>,
+    /// Makes the next starts fail with a transient error.
+    pub fail_start: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeNetwork {
+    /// A proxy counting into `counters`.
+    pub fn new(counters: Arc<FakeCounters>) -> Self {
+        Self {
+            counters,
+            fail_start: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+}
+
+#[async_trait]
+impl crate::ports::NetworkProxy for FakeNetwork {
+    async fn start(
+        &self,
+        vm_id: crate::vm::VmId,
+        policy: &crate::ports::NetworkPolicy,
+        work_dir: &std::path::Path,
+    ) -> Result<crate::ports::NetworkHandle> {
+        if self.fail_start.load(Ordering::SeqCst) {
+            return Err(Error::transient(
+                TransientCause::Infrastructure,
+                "fake network: start refused",
+            ));
+        }
+        let ports = match policy {
+            crate::ports::NetworkPolicy::None => {
+                return Err(Error::permanent(
+                    crate::error::PermanentCause::Internal,
+                    "fake network: started for NetworkPolicy::None",
+                ));
+            }
+            crate::ports::NetworkPolicy::PortsOnly { ports }
+            | crate::ports::NetworkPolicy::Allowlist { ports, .. }
+            | crate::ports::NetworkPolicy::Open { ports } => ports.clone(),
+        };
+        self.counters
+            .networks_started
+            .fetch_add(1, Ordering::SeqCst);
+        Ok(crate::ports::NetworkHandle {
+            vm_id,
+            attachment: crate::ports::NetworkAttachment::UnixStream {
+                socket: work_dir.join("net.sock"),
+            },
+            exposed_ports: ports
+                .iter()
+                .map(|p| {
+                    crate::result::ExposedPort::new(
+                        p.internal,
+                        p.external.unwrap_or(p.internal.saturating_add(10_000)),
+                        p.protocol,
+                    )
+                })
+                .collect(),
+            guest_kernel_args: vec!["sbx.net=fake".to_owned()],
+        })
+    }
+
+    async fn stop(&self, _handle: &crate::ports::NetworkHandle) -> Result<()> {
+        self.counters
+            .networks_stopped
+            .fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// A VM manager over the fakes, with guest assets written into `dir`.
 pub fn fake_manager(
     dir: &std::path::Path,
@@ -647,6 +734,35 @@ pub fn fake_manager_with(
     dir: &std::path::Path,
     tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
 ) -> (crate::manager::VmManager, Arc<FakeCounters>, FakeChannel) {
+    let (manager, counters, channel, _) = build_fake_manager(dir, tune, false);
+    (manager, counters, channel)
+}
+
+/// [`fake_manager_with`] plus a [`FakeNetwork`] proxy (returned to steer it).
+pub fn fake_manager_with_network(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
+) -> (
+    crate::manager::VmManager,
+    Arc<FakeCounters>,
+    FakeChannel,
+    FakeNetwork,
+) {
+    let (manager, counters, channel, network) = build_fake_manager(dir, tune, true);
+    let network = network.unwrap_or_else(|| FakeNetwork::new(counters.clone()));
+    (manager, counters, channel, network)
+}
+
+fn build_fake_manager(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
+    with_network: bool,
+) -> (
+    crate::manager::VmManager,
+    Arc<FakeCounters>,
+    FakeChannel,
+    Option<FakeNetwork>,
+) {
     let counters = Arc::new(FakeCounters::default());
     let assets = crate::manager::GuestAssets::in_dir(dir);
     for p in [&assets.kernel, &assets.initramfs]
@@ -656,11 +772,14 @@ pub fn fake_manager_with(
         let _ = std::fs::write(p, b"asset");
     }
     let channel = FakeChannel::new(Vec::new());
+    let network = with_network.then(|| FakeNetwork::new(counters.clone()));
     let ports = crate::manager::Ports {
         hypervisor: Arc::new(FakeHypervisor(counters.clone())),
         overlays: Arc::new(FakeOverlays(counters.clone())),
         limiter: Arc::new(FakeLimiter(counters.clone())),
-        network: None,
+        network: network
+            .clone()
+            .map(|n| Arc::new(n) as Arc<dyn crate::ports::NetworkProxy>),
         channel: Arc::new(channel.clone()),
     };
     let mut cfg = crate::manager::VmManagerConfig::new(
@@ -674,5 +793,6 @@ pub fn fake_manager_with(
         crate::manager::VmManager::new(cfg, ports),
         counters,
         channel,
+        network,
     )
 }
