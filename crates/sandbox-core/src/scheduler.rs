@@ -263,29 +263,15 @@ impl Scheduler {
         Ok((permit, slot, started.elapsed()))
     }
 
-    async fn create_vm(
+    /// Capacity, then a VM in it. Returns the VM, its admission share and the time waited
+    /// for capacity.
+    async fn provision(
         &self,
-        slot: VmSlot,
-        language: crate::Language,
-        memory_mb: u32,
-        network: NetworkPolicy,
-        tenant: &Option<String>,
-        opts: &RunOptions,
-    ) -> Result<crate::manager::Vm> {
-        self.inner
-            .manager
-            .create_vm_with_slot(
-                slot,
-                VmOptions {
-                    language,
-                    memory_mb,
-                    network,
-                    tenant: tenant.clone(),
-                    boot_log: opts.boot_log.clone(),
-                    slot_wait: None,
-                },
-            )
-            .await
+        vm: VmOptions,
+    ) -> Result<(crate::manager::Vm, Option<AdmissionPermit>, Duration)> {
+        let (permit, slot, waited) = self.capacity(vm.memory_mb).await?;
+        let vm = self.inner.manager.create_vm_with_slot(slot, vm).await?;
+        Ok((vm, permit, waited))
     }
 
     /// Runs `req` in a fresh VM (from the warm pool when eligible) and destroys the VM,
@@ -314,18 +300,16 @@ impl Scheduler {
         let (vm, _permit) = match pooled {
             Some(p) => (p.vm, p.permit),
             None => {
-                let (permit, slot, waited) = self.capacity(req.memory_mb).await?;
-                timing.admission_ms = millis(waited);
-                let vm = self
-                    .create_vm(
-                        slot,
+                let (vm, permit, waited) = self
+                    .provision(vm_options(
                         req.language,
                         req.memory_mb,
                         network,
                         &req.tenant,
                         &opts,
-                    )
+                    ))
                     .await?;
+                timing.admission_ms = millis(waited);
                 let b = vm.boot_timings();
                 timing.setup_ms = b.setup_ms;
                 timing.overlay_ms = b.overlay_ms;
@@ -356,17 +340,15 @@ impl Scheduler {
     pub async fn session(&self, mut req: SessionRequest, opts: RunOptions) -> Result<Session> {
         self.check_running()?;
         req.validate()?;
-        let (permit, slot, _waited) = self.capacity(req.memory_mb).await?;
         let network = NetworkPolicy::from_request(&req.network);
-        let vm = self
-            .create_vm(
-                slot,
+        let (vm, permit, _waited) = self
+            .provision(vm_options(
                 req.language,
                 req.memory_mb,
                 network,
                 &req.tenant,
                 &opts,
-            )
+            ))
             .await?;
         let session = Session::start(
             vm,
@@ -378,5 +360,23 @@ impl Scheduler {
             live.push(session.downgrade());
         }
         Ok(session)
+    }
+}
+
+/// What a request asks of its VM.
+fn vm_options(
+    language: crate::Language,
+    memory_mb: u32,
+    network: NetworkPolicy,
+    tenant: &Option<String>,
+    opts: &RunOptions,
+) -> VmOptions {
+    VmOptions {
+        language,
+        memory_mb,
+        network,
+        tenant: tenant.clone(),
+        boot_log: opts.boot_log.clone(),
+        slot_wait: None,
     }
 }
