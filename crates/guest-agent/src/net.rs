@@ -18,7 +18,6 @@
 //! are used; everything is an ioctl on an `AF_INET` datagram socket.
 #![allow(unsafe_code)]
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
@@ -29,145 +28,24 @@ use std::time::{Duration, Instant};
 use nix::mount::{MsFlags, mount};
 use tracing::{info, warn};
 
-/// The kernel command-line parameter carrying the guest's network settings.
-pub const CMDLINE_KEY: &str = "sbx.net";
+pub use guest_proto::contract::{
+    DEFAULT_MTU, GuestNet, MTU_RANGE, NET_CMDLINE_KEY as CMDLINE_KEY, NetParseError as ParseError,
+    parse_cmdline, parse_value,
+};
+
 /// The interface the virtio-net device becomes.
 pub const INTERFACE: &str = "eth0";
-/// IP MTU when `sbx.net=` does not give one.
-pub const DEFAULT_MTU: u16 = 1500;
-/// The MTUs `sbx.net=` may ask for (IPv4's minimum to the largest that fits a 64 KiB
-/// frame on QEMU's stream netdev).
-pub const MTU_RANGE: std::ops::RangeInclusive<u16> = 576..=65520;
 /// Where the resolver configuration goes (`/etc/resolv.conf` links here).
 pub const RESOLV_CONF: &str = "/run/resolv.conf";
 /// Longest wait for `eth0` to appear.
 const IFACE_WAIT: Duration = Duration::from_secs(2);
 
-/// The guest's network settings from `sbx.net=ADDR/PREFIX,GATEWAY[,MTU]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GuestNet {
-    /// The guest's address on `eth0`.
-    pub addr: Ipv4Addr,
-    /// Prefix length of the VM network (1–31).
-    pub prefix: u8,
-    /// Default gateway, also the only DNS server.
-    pub gateway: Ipv4Addr,
-    /// IP MTU of `eth0` ([`DEFAULT_MTU`] when not given).
-    pub mtu: u16,
-}
-
-impl GuestNet {
-    /// The netmask of [`GuestNet::prefix`].
-    pub fn netmask(&self) -> Ipv4Addr {
-        prefix_to_mask(self.prefix)
-    }
-
-    /// The contents of `/run/resolv.conf`.
-    pub fn resolv_conf(&self) -> String {
-        format!(
-            "# written by the sbx guest agent\nnameserver {}\noptions timeout:2 attempts:2\n",
-            self.gateway
-        )
-    }
-}
-
-impl fmt::Display for GuestNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{} via {} mtu {}",
-            self.addr, self.prefix, self.gateway, self.mtu
-        )
-    }
-}
-
-/// A malformed `sbx.net=` value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError(String);
-
-impl fmt::Display for ParseError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "bad {CMDLINE_KEY}= parameter: {}", self.0)
-    }
-}
-
-impl std::error::Error for ParseError {}
-
-fn prefix_to_mask(prefix: u8) -> Ipv4Addr {
-    let bits = match prefix {
-        0 => 0,
-        p if p >= 32 => u32::MAX,
-        p => u32::MAX << (32 - u32::from(p)),
-    };
-    Ipv4Addr::from(bits)
-}
-
-/// Finds `sbx.net=` in a kernel command line (the last one wins, as for kernel
-/// parameters) and parses it. `Ok(None)` when the parameter is absent.
-pub fn parse_cmdline(cmdline: &str) -> Result<Option<GuestNet>, ParseError> {
-    let value = cmdline
-        .split_ascii_whitespace()
-        .filter_map(|tok| tok.split_once('='))
-        .filter(|(k, _)| *k == CMDLINE_KEY)
-        .map(|(_, v)| v)
-        .next_back();
-    value.map(parse_value).transpose()
-}
-
-/// Parses `ADDR/PREFIX,GATEWAY[,MTU]`.
-pub fn parse_value(value: &str) -> Result<GuestNet, ParseError> {
-    let bad = |why: String| ParseError(format!("{value:?}: {why}"));
-    let (cidr, rest) = value
-        .split_once(',')
-        .ok_or_else(|| bad("want ADDR/PREFIX,GATEWAY[,MTU]".into()))?;
-    let (gateway, mtu) = match rest.split_once(',') {
-        Some((gateway, mtu)) => {
-            let mtu = mtu
-                .parse::<u16>()
-                .ok()
-                .filter(|m| MTU_RANGE.contains(m))
-                .ok_or_else(|| {
-                    bad(format!(
-                        "MTU {mtu:?} is not {}-{}",
-                        MTU_RANGE.start(),
-                        MTU_RANGE.end()
-                    ))
-                })?;
-            (gateway, mtu)
-        }
-        None => (rest, DEFAULT_MTU),
-    };
-    let (addr, prefix) = cidr
-        .split_once('/')
-        .ok_or_else(|| bad("address has no /PREFIX".into()))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| bad(format!("{addr:?} is not an IPv4 address")))?;
-    let prefix: u8 = prefix
-        .parse()
-        .ok()
-        .filter(|p| (1..=31).contains(p))
-        .ok_or_else(|| bad(format!("prefix {prefix:?} is not 1-31")))?;
-    let gateway: Ipv4Addr = gateway
-        .parse()
-        .map_err(|_| bad(format!("gateway {gateway:?} is not an IPv4 address")))?;
-    let net = GuestNet {
-        addr,
-        prefix,
-        gateway,
-        mtu,
-    };
-    let mask = u32::from(net.netmask());
-    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
-        return Err(bad(format!("{addr} is not a host address")));
-    }
-    if gateway == addr {
-        return Err(bad("gateway equals the address".into()));
-    }
-    if u32::from(addr) & mask != u32::from(gateway) & mask {
-        return Err(bad(format!("gateway {gateway} is outside {addr}/{prefix}")));
-    }
-    Ok(net)
+/// The contents of `/run/resolv.conf` for `net`: the gateway is the only DNS server.
+pub fn resolv_conf(net: &GuestNet) -> String {
+    format!(
+        "# written by the sbx guest agent\nnameserver {}\noptions timeout:2 attempts:2\n",
+        net.gateway
+    )
 }
 
 /// Reads `/proc/cmdline` and, when it carries `sbx.net=`, configures `eth0`, the default
@@ -253,7 +131,7 @@ fn write_resolv_conf(net: &GuestNet) -> io::Result<()> {
         )
         .map_err(|e| io::Error::other(format!("tmpfs on /run: {}", e.desc())))?;
     }
-    fs::write(RESOLV_CONF, net.resolv_conf())
+    fs::write(RESOLV_CONF, resolv_conf(net))
         .map_err(|e| io::Error::new(e.kind(), format!("{RESOLV_CONF}: {e}")))
 }
 
@@ -389,8 +267,6 @@ pub fn boot() {
 mod tests {
     use super::*;
 
-    const STD: &str = "sbx.net=192.168.127.2/24,192.168.127.1";
-
     fn std_net() -> GuestNet {
         GuestNet {
             addr: Ipv4Addr::new(192, 168, 127, 2),
@@ -401,72 +277,8 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_contract_value() {
-        let line = format!("console=hvc0 reboot=t quiet {STD} panic=-1\n");
-        assert_eq!(parse_cmdline(&line), Ok(Some(std_net())));
-        assert_eq!(std_net().netmask(), Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(
-            std_net().to_string(),
-            "192.168.127.2/24 via 192.168.127.1 mtu 1500"
-        );
-        let jumbo = parse_cmdline("sbx.net=192.168.127.2/24,192.168.127.1,65520").unwrap();
-        assert_eq!(jumbo.map(|n| n.mtu), Some(65520));
-    }
-
-    #[test]
-    fn absent_means_offline() {
-        assert_eq!(parse_cmdline(""), Ok(None));
-        assert_eq!(parse_cmdline("console=hvc0 quiet init=/init\n"), Ok(None));
-        // Similar keys are not it.
-        assert_eq!(
-            parse_cmdline("sbx.network=1 xsbx.net=10.0.0.2/8,10.0.0.1"),
-            Ok(None)
-        );
-        assert_eq!(parse_cmdline("sbx.net"), Ok(None));
-    }
-
-    #[test]
-    fn last_occurrence_wins_and_whitespace_is_any() {
-        let line = format!("sbx.net=10.0.0.2/8,10.0.0.1\t{STD}\n");
-        assert_eq!(parse_cmdline(&line), Ok(Some(std_net())));
-    }
-
-    #[test]
-    fn rejects_malformed_values() {
-        for bad in [
-            "sbx.net=",
-            "sbx.net=192.168.127.2/24",
-            "sbx.net=192.168.127.2,192.168.127.1",
-            "sbx.net=192.168.127.2/,192.168.127.1",
-            "sbx.net=192.168.127.2/0,192.168.127.1",
-            "sbx.net=192.168.127.2/32,192.168.127.1",
-            "sbx.net=192.168.127.2/33,192.168.127.1",
-            "sbx.net=192.168.127.2/x,192.168.127.1",
-            "sbx.net=192.168.127.256/24,192.168.127.1",
-            "sbx.net=::1/24,192.168.127.1",
-            "sbx.net=192.168.127.2/24,",
-            "sbx.net=192.168.127.2/24,gateway",
-            "sbx.net=192.168.127.2/24,192.168.128.1",
-            "sbx.net=192.168.127.2/24,192.168.127.2",
-            "sbx.net=0.0.0.0/24,0.0.0.1",
-            "sbx.net=192.168.127.2/24,192.168.127.1,extra",
-            "sbx.net=192.168.127.2/24,192.168.127.1,575",
-            "sbx.net=192.168.127.2/24,192.168.127.1,65521",
-            "sbx.net=192.168.127.2/24,192.168.127.1,1500,x",
-            "sbx.net=192.168.127.2/24,192.168.127.1,",
-        ] {
-            let err = parse_cmdline(bad).expect_err(bad);
-            assert!(err.to_string().starts_with("bad sbx.net="), "{err}");
-        }
-    }
-
-    #[test]
-    fn masks_and_resolv_conf() {
-        assert_eq!(prefix_to_mask(8), Ipv4Addr::new(255, 0, 0, 0));
-        assert_eq!(prefix_to_mask(31), Ipv4Addr::new(255, 255, 255, 254));
-        assert_eq!(prefix_to_mask(0), Ipv4Addr::UNSPECIFIED);
-        assert_eq!(prefix_to_mask(32), Ipv4Addr::BROADCAST);
-        let conf = std_net().resolv_conf();
+    fn resolv_conf_names_the_gateway_only() {
+        let conf = resolv_conf(&std_net());
         assert!(conf.contains("\nnameserver 192.168.127.1\n"), "{conf}");
         assert_eq!(conf.matches("nameserver").count(), 1);
     }

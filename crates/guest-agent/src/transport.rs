@@ -27,7 +27,7 @@ use crate::engine::Engine;
 use crate::server::{ConnectionEnd, serve_connection};
 
 /// Name of the agent's virtio-serial port.
-pub const VIRTIO_PORT_NAME: &str = "org.sbx.agent";
+pub const VIRTIO_PORT_NAME: &str = guest_proto::contract::AGENT_PORT_NAME;
 
 /// Serves connections on a unix socket, one at a time, until a host asks for shutdown.
 pub async fn serve_unix(engine: Arc<Engine>, path: &Path) -> io::Result<()> {

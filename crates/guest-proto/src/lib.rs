@@ -125,6 +125,7 @@
 //!   `cargo +nightly fuzz run decode` from the repository root.
 
 mod codec;
+pub mod contract;
 mod digest;
 mod error;
 mod language;

@@ -102,7 +102,7 @@ pub const GUEST_PREFIX_LEN: u8 = 24;
 /// frames of QEMU's stream netdev, as passt uses. The stream carries no offloads, so
 /// large frames are what keeps per-packet work (interrupts, syscalls, emulated device
 /// round trips under TCG) off the byte path; the guest learns it from `sbx.net=`.
-pub const MTU: usize = 65520;
+pub const MTU: usize = guest_proto::contract::MAX_MTU as usize;
 /// The gateway's MAC address (locally administered).
 pub const GATEWAY_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xdd];
 /// File name of the socket QEMU connects to, inside the VM work dir.
@@ -114,7 +114,13 @@ const MAX_SOCKET_PATH: usize = 107;
 /// `sbx.net=192.168.127.2/24,192.168.127.1,65520` (address/prefix, gateway, MTU; DNS is
 /// the gateway).
 pub fn guest_kernel_args() -> String {
-    format!("sbx.net={GUEST_IP}/{GUEST_PREFIX_LEN},{GATEWAY_IP},{MTU}")
+    guest_proto::contract::GuestNet {
+        addr: GUEST_IP,
+        prefix: GUEST_PREFIX_LEN,
+        gateway: GATEWAY_IP,
+        mtu: guest_proto::contract::MAX_MTU,
+    }
+    .to_kernel_arg()
 }
 
 /// Settings shared by every VM of one [`NetProxy`].
@@ -416,5 +422,27 @@ async fn forward(
                 () = app.splice(sock) => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the proxy tells the guest is what the agent reads: the contract is one type.
+    #[test]
+    fn the_guest_reads_back_the_proxy_network() {
+        let net = guest_proto::contract::parse_cmdline(&format!("quiet {}", guest_kernel_args()))
+            .ok()
+            .flatten();
+        assert_eq!(
+            net,
+            Some(guest_proto::contract::GuestNet {
+                addr: GUEST_IP,
+                prefix: GUEST_PREFIX_LEN,
+                gateway: GATEWAY_IP,
+                mtu: u16::try_from(MTU).unwrap_or(0),
+            })
+        );
     }
 }

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use sandbox_core::ports::{Accelerator, NetworkAttachment, VmSpec};
 
-/// Name of the virtio-serial port the guest agent opens. This is the contract with the
-/// guest: the agent looks for `/dev/virtio-ports/org.sbx.agent`.
-pub const AGENT_PORT_NAME: &str = "org.sbx.agent";
+/// Name of the virtio-serial port the guest agent opens (the contract with the guest,
+/// defined in [`guest_proto::contract`]).
+pub use guest_proto::contract::AGENT_PORT_NAME;
 
 /// The `-sandbox` argument used when QEMU supports seccomp.
 pub const SANDBOX_ARG: &str = probes::qemu::SANDBOX_ARG;
