@@ -701,3 +701,36 @@ fn host_killed_with_sigkill_takes_its_qemus_along() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Issue 19 §8: time spent waiting for capacity (here the only VM slot, held by a session)
+/// is `admission_ms`, not `setup_ms`; the exec splits into connect + spawn + process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn capacity_waits_show_in_admission_ms() {
+    let mut cfg = config(0);
+    cfg.max_vms = 1;
+    let sbx = Sbx::start(cfg).await.unwrap();
+    let s = sbx
+        .scheduler()
+        .session(SessionRequest::new(Language::Raw), RunOptions::default())
+        .await
+        .unwrap();
+    let closer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.close().await;
+    });
+    let r = run(&sbx, Language::Raw, "echo waited").await;
+    closer.await.unwrap();
+    assert_eq!(r.stdout, "waited\n");
+    let t = &r.timing;
+    assert!(t.admission_ms >= 1500, "{t:?}");
+    assert!(t.setup_ms < 1500, "{t:?}");
+    assert_eq!(
+        t.execute_ms,
+        t.connect_ms + t.spawn_ms + t.process_ms,
+        "{t:?}"
+    );
+    assert!(t.total_ms >= t.admission_ms + t.boot_ms, "{t:?}");
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
+}
