@@ -21,7 +21,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use guest_proto::{Language, Sha256Digest};
+use guest_proto::Language;
+pub use guest_proto::Sha256Digest;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
