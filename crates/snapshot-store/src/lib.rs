@@ -2,7 +2,10 @@
 //! (a guest RAM file and QEMU's device-state stream) kept safely on local disk.
 //!
 //! - **Layout** ([`layout`]): `<root>/<key>/{ram,state,manifest.json}`; drafts are written
-//!   under `<root>/.draft-<key>-<pid>-<rand>/`, on the same filesystem.
+//!   under `<root>/.draft-<key>-<pid>-<rand>/`, on the same filesystem. A draft's two files
+//!   exist (empty, mode `0600`, owned by the store's user) when `begin` returns; a caller
+//!   whose QEMU runs as another user grants it write access to them (as it does for VM
+//!   dirs). Publication needs to own them again only to `chmod` them (root does).
 //! - **One writer per key**: [`FsSnapshotStore::begin_blocking`] takes an exclusive `flock` on
 //!   `<root>/.locks/<key>.lock` (close-on-exec, released when the draft is published,
 //!   abandoned or dropped, and by the kernel when the process dies), so concurrent creators

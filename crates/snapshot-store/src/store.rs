@@ -402,6 +402,22 @@ impl FsSnapshotStore {
         }
     }
 
+    /// Takes `key`'s writer lock without waiting (recreating the lock directory if
+    /// someone removed it).
+    fn lock_key(&self, key: &SnapshotKey) -> std::io::Result<Option<KeyLock>> {
+        let path = layout::lock_path(&self.inner.root, key);
+        match KeyLock::try_acquire(&path) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(DIR_MODE)
+                    .create(self.inner.root.join(LOCKS_DIR))?;
+                KeyLock::try_acquire(&path)
+            }
+            other => other,
+        }
+    }
+
     fn entry_dir(&self, key: &SnapshotKey) -> PathBuf {
         self.inner.root.join(key.to_string())
     }
@@ -425,11 +441,7 @@ impl FsSnapshotStore {
                     // A writer holds its key's lock from before its draft exists until
                     // after it is gone: a draft whose key is unlocked is stale; so is one
                     // whose pid is dead (another writer may hold the key by now).
-                    !layout::pid_alive(pid)
-                        || matches!(
-                            KeyLock::try_acquire(&layout::lock_path(root, &key)),
-                            Ok(Some(_))
-                        )
+                    !layout::pid_alive(pid) || matches!(self.lock_key(&key), Ok(Some(_)))
                 }
                 RootName::Trash { pid } => !layout::pid_alive(pid),
                 _ => false,
@@ -469,7 +481,7 @@ impl FsSnapshotStore {
     fn discard(&self, key: &SnapshotKey, examined: FileStamp, reason: &str) {
         let dir = self.entry_dir(key);
         tracing::warn!(key = %key, dir = %dir.display(), reason, "discarding snapshot that does not verify");
-        let lock = match KeyLock::try_acquire(&layout::lock_path(&self.inner.root, key)) {
+        let lock = match self.lock_key(key) {
             Ok(Some(lock)) => lock,
             Ok(None) => return,
             Err(err) => {
@@ -578,9 +590,9 @@ impl FsSnapshotStore {
         if published(&dir)? {
             return Ok(None);
         }
-        let lock_path = layout::lock_path(root, key);
-        let Some(lock) = KeyLock::try_acquire(&lock_path)
-            .map_err(|e| SnapshotStoreError::io("lock", &lock_path, e))?
+        let Some(lock) = self
+            .lock_key(key)
+            .map_err(|e| SnapshotStoreError::io("lock", layout::lock_path(root, key), e))?
         else {
             return Ok(None);
         };

@@ -646,3 +646,12 @@ fn a_full_disk_during_publish_publishes_nothing() {
     // The tmpfs lived only in the child's namespace.
     assert!(fs::read_dir(dir.path()).unwrap().next().is_none());
 }
+
+#[test]
+fn a_removed_lock_directory_is_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsSnapshotStore::open(dir.path()).unwrap();
+    fs::remove_dir_all(dir.path().join(layout::LOCKS_DIR)).unwrap();
+    let snap = publish(&store, &key(90));
+    assert_eq!(store.lookup_blocking(&key(90)).unwrap(), Some(snap));
+}
