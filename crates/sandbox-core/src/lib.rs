@@ -2,9 +2,9 @@
 //!
 //! This crate never talks to QEMU, cgroups or the network directly. It defines the ports
 //! ([`ports::Hypervisor`], [`ports::OverlayStore`], [`ports::ResourceLimiter`],
-//! [`ports::NetworkProxy`], [`ports::GuestChannel`]) that adapter crates implement, the
-//! domain types callers use ([`RunRequest`], [`ExecutionResult`], [`Error`], ...), and the
-//! orchestration that is written only against the ports ([`manager::VmManager`]).
+//! [`ports::NetworkProxy`], [`ports::GuestChannel`], [`snapshot::SnapshotStore`]) that
+//! adapter crates implement, the domain types callers use ([`RunRequest`],
+//! [`ExecutionResult`], [`Error`], ...), and the orchestration that is written only against the ports ([`manager::VmManager`]).
 //!
 //! Mocks of every port are exported behind the `mocks` feature for other crates' tests.
 
@@ -17,6 +17,7 @@ pub mod request;
 pub mod result;
 pub mod scheduler;
 pub mod session;
+pub mod snapshot;
 pub mod vm;
 pub mod warm_pool;
 
@@ -32,6 +33,10 @@ pub use request::{
 pub use result::{ExecutionResult, ExposedPort, TimingBreakdown};
 pub use scheduler::{RunOptions, Scheduler, SchedulerConfig};
 pub use session::Session;
+pub use snapshot::{
+    FileDigest, Snapshot, SnapshotDraft, SnapshotEntry, SnapshotKey, SnapshotKeyInputs,
+    SnapshotManifest, SnapshotStore,
+};
 pub use vm::{IllegalTransition, VmId, VmLifecycle, VmState};
 
 #[cfg(any(test, feature = "mocks"))]

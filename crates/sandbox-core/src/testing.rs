@@ -796,3 +796,280 @@ fn build_fake_manager(
         network,
     )
 }
+
+/// Counts of what a [`FakeSnapshotStore`] was asked to do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FakeSnapshotCounts {
+    /// Lookups.
+    pub lookups: usize,
+    /// Lookups that returned a snapshot.
+    pub hits: usize,
+    /// Corrupted entries discarded by a lookup.
+    pub discarded: usize,
+    /// Drafts handed out.
+    pub drafts: usize,
+    /// `begin` calls answered `None` (published or another writer holds the key).
+    pub begin_refused: usize,
+    /// Drafts published.
+    pub published: usize,
+    /// Drafts abandoned (explicitly or by dropping them).
+    pub abandoned: usize,
+    /// Publishes that failed on purpose.
+    pub publish_failures: usize,
+}
+
+#[derive(Debug, Default)]
+struct FakeSnapshotInner {
+    published: HashMap<crate::snapshot::SnapshotKey, crate::snapshot::Snapshot>,
+    drafting: std::collections::HashSet<crate::snapshot::SnapshotKey>,
+    corrupted: std::collections::HashSet<crate::snapshot::SnapshotKey>,
+    fail_publish: usize,
+    next_draft: u64,
+    counts: FakeSnapshotCounts,
+}
+
+/// An in-memory [`crate::snapshot::SnapshotStore`] for orchestration tests. It touches no
+/// files: paths are made up under its root. It keeps the port's rules (one draft per key,
+/// `None` from `begin` once published, dropped drafts are abandoned, corrupted entries are
+/// discarded by `lookup`) and can be told to corrupt an entry or fail a publish.
+#[derive(Debug, Clone)]
+pub struct FakeSnapshotStore {
+    root: std::path::PathBuf,
+    inner: Arc<Mutex<FakeSnapshotInner>>,
+}
+
+impl Default for FakeSnapshotStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The guard inside drafts of a [`FakeSnapshotStore`]: dropping it abandons the draft.
+#[derive(Debug)]
+struct FakeDraftGuard {
+    inner: Arc<Mutex<FakeSnapshotInner>>,
+    key: crate::snapshot::SnapshotKey,
+    armed: bool,
+}
+
+impl FakeDraftGuard {
+    fn release(&mut self, abandoned: bool) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.drafting.remove(&self.key);
+            if abandoned {
+                inner.counts.abandoned += 1;
+            }
+        }
+    }
+}
+
+impl Drop for FakeDraftGuard {
+    fn drop(&mut self) {
+        self.release(true);
+    }
+}
+
+impl FakeSnapshotStore {
+    /// An empty store with made-up paths under `/nonexistent/sbx-fake-snapshots`.
+    pub fn new() -> Self {
+        Self::with_root("/nonexistent/sbx-fake-snapshots")
+    }
+
+    /// An empty store whose made-up paths are under `root` (nothing is written there).
+    pub fn with_root(root: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            inner: Arc::new(Mutex::new(FakeSnapshotInner::default())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeSnapshotInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn snapshot_of(&self, key: crate::snapshot::SnapshotKey) -> crate::snapshot::Snapshot {
+        let dir = self.root.join(key.to_string());
+        let ram = dir.join("ram");
+        let state = dir.join("state");
+        let digest = |path: &std::path::Path| crate::snapshot::FileDigest {
+            size: 4096,
+            sha256: Sha256Digest::of(path.as_os_str().as_encoded_bytes()),
+        };
+        crate::snapshot::Snapshot {
+            key,
+            manifest: crate::snapshot::SnapshotManifest {
+                format: crate::snapshot::SNAPSHOT_MANIFEST_FORMAT,
+                key,
+                ram: digest(&ram),
+                state: digest(&state),
+                created_unix_ms: 0,
+                created_by: "FakeSnapshotStore".to_owned(),
+            },
+            ram,
+            state,
+        }
+    }
+
+    /// Publishes a snapshot of `key` directly (as if an earlier process made it).
+    pub fn insert(&self, key: crate::snapshot::SnapshotKey) -> crate::snapshot::Snapshot {
+        let snapshot = self.snapshot_of(key);
+        self.lock().published.insert(key, snapshot.clone());
+        snapshot
+    }
+
+    /// Marks the published entry of `key` corrupted: the next lookup discards it.
+    pub fn corrupt(&self, key: &crate::snapshot::SnapshotKey) {
+        self.lock().corrupted.insert(*key);
+    }
+
+    /// Makes the next `n` publishes fail (as a full disk would): nothing is published.
+    pub fn fail_next_publishes(&self, n: usize) {
+        self.lock().fail_publish = n;
+    }
+
+    /// True when `key` is published.
+    pub fn is_published(&self, key: &crate::snapshot::SnapshotKey) -> bool {
+        self.lock().published.contains_key(key)
+    }
+
+    /// True when a draft of `key` is open.
+    pub fn is_drafting(&self, key: &crate::snapshot::SnapshotKey) -> bool {
+        self.lock().drafting.contains(key)
+    }
+
+    /// What the store was asked to do so far.
+    pub fn counts(&self) -> FakeSnapshotCounts {
+        self.lock().counts
+    }
+}
+
+#[async_trait]
+impl crate::snapshot::SnapshotStore for FakeSnapshotStore {
+    async fn lookup(
+        &self,
+        key: &crate::snapshot::SnapshotKey,
+    ) -> Result<Option<crate::snapshot::Snapshot>> {
+        let mut inner = self.lock();
+        inner.counts.lookups += 1;
+        if inner.corrupted.remove(key) && inner.published.remove(key).is_some() {
+            inner.counts.discarded += 1;
+            return Ok(None);
+        }
+        let found = inner.published.get(key).cloned();
+        if found.is_some() {
+            inner.counts.hits += 1;
+        }
+        Ok(found)
+    }
+
+    async fn begin(
+        &self,
+        key: &crate::snapshot::SnapshotKey,
+    ) -> Result<Option<crate::snapshot::SnapshotDraft>> {
+        let mut inner = self.lock();
+        if inner.published.contains_key(key) || !inner.drafting.insert(*key) {
+            inner.counts.begin_refused += 1;
+            return Ok(None);
+        }
+        inner.counts.drafts += 1;
+        inner.next_draft += 1;
+        let dir = self.root.join(format!(".draft-{key}-{}", inner.next_draft));
+        let guard = FakeDraftGuard {
+            inner: self.inner.clone(),
+            key: *key,
+            armed: true,
+        };
+        Ok(Some(crate::snapshot::SnapshotDraft::new(
+            *key,
+            dir.join("ram"),
+            dir.join("state"),
+            guard,
+        )))
+    }
+
+    async fn publish(
+        &self,
+        draft: crate::snapshot::SnapshotDraft,
+    ) -> Result<crate::snapshot::Snapshot> {
+        let key = *draft.key();
+        let mut guard = draft
+            .into_guard()
+            .downcast::<FakeDraftGuard>()
+            .map_err(|_| {
+                Error::permanent(
+                    crate::error::PermanentCause::Internal,
+                    "draft was not made by this snapshot store",
+                )
+            })?;
+        let failing = {
+            let mut inner = self.lock();
+            if inner.fail_publish > 0 {
+                inner.fail_publish -= 1;
+                inner.counts.publish_failures += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if failing {
+            guard.release(true);
+            return Err(Error::transient(
+                TransientCause::Infrastructure,
+                "snapshot publish failed: no space left on device (fake)",
+            )
+            .with_operation("snapshot_publish"));
+        }
+        guard.release(false);
+        let snapshot = self.snapshot_of(key);
+        let mut inner = self.lock();
+        inner.counts.published += 1;
+        Ok(inner.published.entry(key).or_insert(snapshot).clone())
+    }
+
+    async fn abandon(&self, draft: crate::snapshot::SnapshotDraft) -> Result<()> {
+        match draft.into_guard().downcast::<FakeDraftGuard>() {
+            Ok(mut guard) => {
+                guard.release(true);
+                Ok(())
+            }
+            Err(_) => Err(Error::permanent(
+                crate::error::PermanentCause::Internal,
+                "draft was not made by this snapshot store",
+            )),
+        }
+    }
+
+    async fn remove(&self, key: &crate::snapshot::SnapshotKey) -> Result<bool> {
+        let mut inner = self.lock();
+        inner.corrupted.remove(key);
+        Ok(inner.published.remove(key).is_some())
+    }
+
+    async fn list(&self) -> Result<Vec<crate::snapshot::SnapshotEntry>> {
+        let inner = self.lock();
+        let mut entries: Vec<_> = inner
+            .published
+            .values()
+            .map(|s| crate::snapshot::SnapshotEntry {
+                key: s.key,
+                manifest: Some(s.manifest.clone()),
+            })
+            .collect();
+        entries.sort_by_key(|e| e.key);
+        Ok(entries)
+    }
+
+    async fn clear(&self) -> Result<usize> {
+        let mut inner = self.lock();
+        inner.corrupted.clear();
+        let n = inner.published.len();
+        inner.published.clear();
+        Ok(n)
+    }
+}
