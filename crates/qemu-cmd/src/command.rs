@@ -4,7 +4,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
-use sandbox_core::ports::{Accelerator, NetworkAttachment, VmSpec};
+use sandbox_core::ports::{Accelerator, MemoryBacking, NetworkAttachment, VmSpec};
 
 /// Name of the virtio-serial port the guest agent opens (the contract with the guest,
 /// defined in [`guest_proto::contract`]).
@@ -20,6 +20,10 @@ pub const SANDBOX_ARG: &str = probes::qemu::SANDBOX_ARG;
 /// loops chosen without the flags (64 KiB memcpy in the guest: 0.58 vs 4.0 GB/s here;
 /// 100 MiB file write into a session: 31 vs 58 MiB/s).
 pub const TCG_CPU: &str = "max,-erms,-fsrm";
+
+/// Id of the guest RAM's memory backend when it is a file. Saved and restored VMs must
+/// use the same id ("Unknown ramblock" otherwise).
+pub const RAM_BACKEND_ID: &str = "sbx.ram";
 
 /// Default TCG translation-block cache, in MiB (QEMU's default is 1 GiB on 64-bit hosts).
 pub const DEFAULT_TB_SIZE_MB: u32 = 128;
@@ -41,6 +45,8 @@ pub struct QemuFeatures {
     /// The host's constant TSC rate in kHz: a TCG guest reads that TSC and is told its
     /// rate (`tsc_early_khz=`), having no way to calibrate it on a microvm.
     pub tsc_khz: Option<u64>,
+    /// The first line of `qemu-system-x86_64 --version` (empty when unknown).
+    pub version_line: String,
 }
 
 impl QemuFeatures {
@@ -48,6 +54,7 @@ impl QemuFeatures {
     pub fn from_report(report: &probes::HostReport) -> Self {
         match &report.qemu {
             Ok(q) => Self {
+                version_line: q.version_line.clone(),
                 sandbox: q.sandbox,
                 io_uring: report.io_uring.usable,
                 exit_with_parent: q.exit_with_parent,
@@ -168,7 +175,10 @@ impl<'a> QemuCommandBuilder<'a> {
             m.push_str(",pit=on,pic=on,rtc=on");
         }
         m.push_str(",acpi=off,mem-merge=off,dump-guest-core=off");
-        if self.options.preallocate_memory {
+        if !matches!(self.spec.memory, MemoryBacking::Anonymous) {
+            m.push_str(",memory-backend=");
+            m.push_str(RAM_BACKEND_ID);
+        } else if self.options.preallocate_memory {
             m.push_str(",memory-backend=mem0");
         }
         m
@@ -243,15 +253,43 @@ impl<'a> QemuCommandBuilder<'a> {
         let vcpus = spec.vcpus.max(1);
         push(&["-m", &format!("{}M", spec.memory_mb)]);
         push(&["-smp", &format!("{vcpus},maxcpus={vcpus}")]);
-        if self.options.preallocate_memory {
-            push(&[
+        match &spec.memory {
+            MemoryBacking::Anonymous if self.options.preallocate_memory => push(&[
                 "-object",
                 &format!(
                     "memory-backend-ram,id=mem0,size={}M,prealloc=on",
                     spec.memory_mb
                 ),
-            ]);
+            ]),
+            MemoryBacking::Anonymous => {}
+            // Saveable: the RAM lives in a file the host keeps after QEMU exits.
+            MemoryBacking::SharedFile { path } => {
+                a.push("-object".into());
+                a.push(opt_with_path(
+                    &format!(
+                        "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path=",
+                        spec.memory_mb
+                    ),
+                    path,
+                    ",share=on",
+                ));
+            }
+            // A clone: private copy-on-write mapping of a read-only file; QEMU never
+            // writes it (and never discards pages in it), and waits for the device state.
+            MemoryBacking::Restore { ram, .. } => {
+                a.push("-object".into());
+                a.push(opt_with_path(
+                    &format!(
+                        "memory-backend-file,id={RAM_BACKEND_ID},size={}M,mem-path=",
+                        spec.memory_mb
+                    ),
+                    ram,
+                    ",share=off,readonly=on,rom=off",
+                ));
+                a.extend(["-incoming", "defer"].map(OsString::from));
+            }
         }
+        let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
         push(&[
             "-nodefaults",
             "-no-user-config",
@@ -386,6 +424,7 @@ pub(crate) mod tests {
             initramfs: "/a/initramfs.cpio.gz".into(),
             disk: "/w/over,lay.qcow2".into(),
             memory_mb: 192,
+            memory: Default::default(),
             vcpus: 1,
             accelerator: accel,
             agent_socket: "/w/agent.sock".into(),
@@ -409,6 +448,7 @@ pub(crate) mod tests {
             qboot_rom: Some("/usr/share/qemu/qboot.rom".into()),
             tsc_deadline: true,
             tsc_khz: Some(2_600_000),
+            version_line: "QEMU emulator version 10.0.2".into(),
         }
     }
 

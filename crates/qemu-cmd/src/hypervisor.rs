@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sandbox_core::ports::{Hypervisor, NetworkAttachment, VmProcess, VmSpec};
+use sandbox_core::ports::{
+    Accelerator, Hypervisor, MemoryBacking, NetworkAttachment, SnapshotProfile, VmProcess, VmSpec,
+};
 
 use crate::command::{CommandOptions, QemuCommandBuilder, QemuFeatures};
 use crate::process::{ConsoleCapture, ProcessConfig, QemuProcess, RunAs, UnshareWrap};
@@ -155,13 +157,28 @@ impl QemuHypervisor {
                 .with_operation("launch")
             })?;
         }
-        QemuProcess::spawn(self.process_config(spec))
+        let process = QemuProcess::spawn(self.process_config(spec))
             .await
             .map_err(|e| {
                 sandbox_core::Error::from(e)
                     .with_vm(spec.vm_id)
                     .with_operation("launch")
-            })
+            })?;
+        if let MemoryBacking::Restore { state, .. } = &spec.memory {
+            // A clone: load the device state and resume. Any failure is a failed boot
+            // (transient: nothing ran); the half-started QEMU dies with its handle.
+            if let Err(e) = process.restore_state(state).await {
+                let stderr = process.stderr_text();
+                let _ = process.terminate(Duration::from_millis(100)).await;
+                return Err(sandbox_core::Error::transient(
+                    sandbox_core::TransientCause::Infrastructure,
+                    format!("restoring the snapshot failed: {e}; stderr: {stderr}"),
+                )
+                .with_vm(spec.vm_id)
+                .with_operation("restore"));
+            }
+        }
+        Ok(process)
     }
 }
 
@@ -186,6 +203,42 @@ pub fn share_with_group(spec: &VmSpec, gid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The command line of a saveable VM with every path, id and size replaced by a fixed
+/// placeholder: what a restored VM must share with the one that was saved (machine,
+/// accelerator, CPU, devices in order, kernel arguments such as the TSC rate).
+pub fn snapshot_devices(
+    features: &QemuFeatures,
+    options: &CommandOptions,
+    accel: Accelerator,
+) -> String {
+    let p = |s: &str| PathBuf::from(s);
+    let spec = VmSpec {
+        vm_id: sandbox_core::VmId::from_uuid(Default::default()),
+        work_dir: p("/W"),
+        kernel: p("/K"),
+        initramfs: p("/I"),
+        disk: p("/D"),
+        memory_mb: 0,
+        memory: MemoryBacking::SharedFile { path: p("/R") },
+        vcpus: 0,
+        accelerator: accel,
+        agent_socket: p("/A"),
+        qmp_socket: p("/Q"),
+        network: None,
+        console: sandbox_core::ports::ConsoleSpec {
+            log_path: p("/C"),
+            max_bytes: 0,
+            lines: None,
+            verbose: false,
+        },
+        kernel_args: Vec::new(),
+    };
+    let argv = QemuCommandBuilder::new(&spec, features)
+        .options(options.clone())
+        .build();
+    crate::command::render_argv(std::ffi::OsStr::new("qemu"), &argv)
+}
+
 #[async_trait]
 impl Hypervisor for QemuHypervisor {
     async fn launch(&self, spec: &VmSpec) -> sandbox_core::Result<Box<dyn VmProcess>> {
@@ -193,6 +246,42 @@ impl Hypervisor for QemuHypervisor {
         tracing::debug!(vm_id = %spec.vm_id, pid = ?process.pid(), "QEMU launched");
         Ok(Box::new(process))
     }
+
+    fn snapshot_profile(&self, accelerator: Accelerator) -> Option<SnapshotProfile> {
+        if self.features.version_line.is_empty() {
+            return None;
+        }
+        let cpu_model = match accelerator {
+            Accelerator::Tcg => crate::command::TCG_CPU.to_owned(),
+            // `-cpu host` ties a snapshot to this host's CPU model: name it in the key.
+            Accelerator::Kvm => format!("host ({})", host_cpu_model()),
+        };
+        Some(SnapshotProfile {
+            version: self.features.version_line.clone(),
+            cpu_model,
+            devices: snapshot_devices(&self.features, &self.options, accelerator),
+        })
+    }
+}
+
+/// The host CPU's model name and microcode-independent identity from /proc/cpuinfo.
+fn host_cpu_model() -> String {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}; family {} model {} stepping {}; flags {}",
+        field("model name"),
+        field("cpu family"),
+        field("model"),
+        field("stepping"),
+        field("flags")
+    )
 }
 
 #[cfg(test)]

@@ -476,8 +476,14 @@ impl QemuProcess {
             })
     }
 
-    /// Sends one QMP command on a fresh monitor connection.
-    pub async fn qmp(&self, cmd: ControlCommand) -> Result<ControlReply, QemuError> {
+    /// Loads the device state of a VM started with `-incoming defer` and resumes it.
+    pub async fn restore_state(&self, state: &std::path::Path) -> Result<(), QemuError> {
+        let (_guard, mut client) = self.monitor().await?;
+        client.restore_state(state).await
+    }
+
+    /// A fresh, exclusive monitor connection (the QMP server takes one client at a time).
+    async fn monitor(&self) -> Result<(tokio::sync::MutexGuard<'_, ()>, QmpClient), QemuError> {
         let Some(socket) = &self.qmp_socket else {
             return Err(QemuError::Qmp {
                 socket: PathBuf::new(),
@@ -490,9 +496,14 @@ impl QemuProcess {
                 reason: format!("QEMU already exited ({info})"),
             });
         }
-        // The QMP server takes one client at a time.
-        let _guard = self.control_lock.lock().await;
-        let mut client = QmpClient::connect(socket, self.qmp_uid, self.control_timeout).await?;
+        let guard = self.control_lock.lock().await;
+        let client = QmpClient::connect(socket, self.qmp_uid, self.control_timeout).await?;
+        Ok((guard, client))
+    }
+
+    /// Sends one QMP command on a fresh monitor connection.
+    pub async fn qmp(&self, cmd: ControlCommand) -> Result<ControlReply, QemuError> {
+        let (_guard, mut client) = self.monitor().await?;
         match cmd {
             ControlCommand::Stop => client
                 .execute("stop", None)
@@ -507,6 +518,9 @@ impl QemuProcess {
                 .query_status()
                 .await
                 .map(|(running, status)| ControlReply::Status { running, status }),
+            ControlCommand::Save { state } => {
+                client.save_state(&state).await.map(|()| ControlReply::Done)
+            }
         }
     }
 

@@ -24,6 +24,7 @@ fn spec(accel: Accelerator, network: bool, verbose: bool) -> VmSpec {
         initramfs: "/var/cache/sbx/assets/initramfs-python.cpio.zst".into(),
         disk: w.join("overlay.qcow2"),
         memory_mb: 192,
+        memory: Default::default(),
         vcpus: 1,
         accelerator: accel,
         agent_socket: w.join("agent.sock"),
@@ -49,6 +50,7 @@ fn features() -> QemuFeatures {
         qboot_rom: Some("/usr/share/qemu/qboot.rom".into()),
         tsc_deadline: true,
         tsc_khz: Some(2_600_000),
+        version_line: "QEMU emulator version 10.0.2".into(),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod manager;
 pub mod ops;
 pub mod ports;
 pub mod request;
+pub mod restore;
 pub mod result;
 pub mod scheduler;
 pub mod session;

@@ -21,8 +21,8 @@ use crate::Language;
 use crate::error::{Error, ErrorKind, PermanentCause, Result, TransientCause};
 use crate::ports::{
     Accelerator, AgentInfo, ConsoleSpec, GuestChannel, GuestConnection, Hypervisor, LimitHandle,
-    NetworkHandle, NetworkPolicy, NetworkProxy, Overlay, OverlayStore, ResourceLimiter,
-    ResourceLimits, ResourceUsage, VmProcess, VmSpec,
+    MemoryBacking, NetworkHandle, NetworkPolicy, NetworkProxy, Overlay, OverlayStore,
+    ResourceLimiter, ResourceLimits, ResourceUsage, VmProcess, VmSpec,
 };
 use crate::request::validate_identifier;
 use crate::result::{ExposedPort, millis};
@@ -153,6 +153,8 @@ pub struct Ports {
     pub network: Option<Arc<dyn NetworkProxy>>,
     /// Connects to guest agents.
     pub channel: Arc<dyn GuestChannel>,
+    /// Memory snapshots (L1) of warmed VMs; `None` boots every VM cold.
+    pub snapshots: Option<Arc<dyn crate::snapshot::SnapshotStore>>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -212,6 +214,8 @@ pub struct BootTimings {
     pub retries: u32,
     /// Whole `create_vm`, including failed attempts and backoff.
     pub total_ms: u64,
+    /// True when the VM was restored from an L1 snapshot instead of booted.
+    pub restored: bool,
 }
 
 /// Releases everything one VM holds. Runs once: explicitly, or from `Drop` on a
@@ -367,6 +371,8 @@ struct VmInner {
     exposed_ports: Vec<ExposedPort>,
     agent: AgentInfo,
     timings: BootTimings,
+    /// RAM file and device-state path of a VM booted to be saved.
+    saveable: Option<(PathBuf, PathBuf)>,
     teardown: tokio::sync::Mutex<Option<Teardown>>,
     destroyed: AtomicBool,
     registry: Arc<Mutex<HashMap<VmId, Arc<VmInner>>>>,
@@ -441,6 +447,25 @@ impl Vm {
     /// The guest connection.
     pub(crate) fn conn(&self) -> &Arc<dyn GuestConnection> {
         &self.inner.conn
+    }
+
+    /// The VM process.
+    pub(crate) fn process(&self) -> &Arc<dyn VmProcess> {
+        &self.inner.process
+    }
+
+    /// RAM file and device-state path of a VM booted to be saved.
+    pub(crate) fn saveable_files(&self) -> Option<(PathBuf, PathBuf)> {
+        self.inner.saveable.clone()
+    }
+
+    /// How this VM started.
+    pub fn start_kind(&self) -> crate::result::VmStart {
+        if self.inner.timings.restored {
+            crate::result::VmStart::Snapshot
+        } else {
+            crate::result::VmStart::Cold
+        }
     }
 
     /// True while the VM process runs and the channel is up.
@@ -527,9 +552,11 @@ pub struct VmSlot(OwnedSemaphorePermit);
 #[derive(Clone)]
 pub struct VmManager {
     cfg: Arc<VmManagerConfig>,
-    ports: Ports,
+    pub(crate) ports: Ports,
     slots: Arc<Semaphore>,
     registry: Arc<Mutex<HashMap<VmId, Arc<VmInner>>>>,
+    /// Content digests of the guest assets, with the (size, mtime) they were taken at.
+    pub(crate) digests: crate::restore::DigestCache,
 }
 
 impl std::fmt::Debug for VmManager {
@@ -566,6 +593,7 @@ impl VmManager {
             ports,
             slots,
             registry: Arc::new(Mutex::new(HashMap::new())),
+            digests: Default::default(),
         }
     }
 
@@ -633,6 +661,27 @@ impl VmManager {
     }
 
     async fn create_vm_in(&self, slot: VmSlot, opts: VmOptions, started: Instant) -> Result<Vm> {
+        // A VM restored from its L1 snapshot when one exists, else booted.
+        let restore = self.find_snapshot(&opts).await;
+        let memory = match &restore {
+            Some(s) => MemoryBacking::Restore {
+                ram: s.ram.clone(),
+                state: s.state.clone(),
+            },
+            None => MemoryBacking::Anonymous,
+        };
+        self.create_vm_as(slot, opts, started, memory).await
+    }
+
+    /// Creates a VM in `slot` whose RAM is `memory`. A failed restore falls back to a cold
+    /// boot (the snapshot is discarded: it may be what failed).
+    pub(crate) async fn create_vm_as(
+        &self,
+        slot: VmSlot,
+        opts: VmOptions,
+        started: Instant,
+        mut memory: MemoryBacking,
+    ) -> Result<Vm> {
         let slot = slot.0;
         let tenant = opts
             .tenant
@@ -654,8 +703,18 @@ impl VmManager {
             let mut teardown = Teardown::new(vm_id, self.ports.clone(), self.cfg.kill_grace);
             // Boxed: the boot future is large and retries would otherwise grow the stack.
             let outcome = Box::pin(
-                self.boot_once(vm_id, &opts, &tenant, &base, &mut timings, &mut teardown)
-                    .instrument(span),
+                self.boot_once(
+                    vm_id,
+                    BootPlan {
+                        opts: &opts,
+                        tenant: &tenant,
+                        base: &base,
+                        memory: &memory,
+                    },
+                    &mut timings,
+                    &mut teardown,
+                )
+                .instrument(span),
             )
             .await;
             if outcome.is_err() {
@@ -664,8 +723,15 @@ impl VmManager {
             match outcome {
                 Ok(mut booted) => {
                     timings.total_ms = millis(started.elapsed());
+                    timings.restored = matches!(memory, MemoryBacking::Restore { .. });
                     booted.teardown.slot = Some(slot);
                     return Ok(self.register(booted, opts.language, opts.memory_mb, timings));
+                }
+                Err(e) if matches!(memory, MemoryBacking::Restore { .. }) => {
+                    warn!(vm_id = %vm_id, error = %e, "restoring the L1 snapshot failed: discarding it, booting cold");
+                    self.discard_snapshot(&opts).await;
+                    memory = MemoryBacking::Anonymous;
+                    timings.retries += 1;
                 }
                 Err(e) if e.is_retryable() && attempt < attempts => {
                     let delay = backoff_delay(self.cfg.backoff_base, self.cfg.backoff_max, attempt);
@@ -728,6 +794,7 @@ impl VmManager {
             exposed_ports: booted.exposed_ports,
             agent: booted.agent,
             timings,
+            saveable: booted.saveable,
             teardown: tokio::sync::Mutex::new(Some(booted.teardown)),
             destroyed: AtomicBool::new(false),
             registry: self.registry.clone(),
@@ -741,12 +808,16 @@ impl VmManager {
     async fn boot_once(
         &self,
         vm_id: VmId,
-        opts: &VmOptions,
-        tenant: &str,
-        base: &Path,
+        plan: BootPlan<'_>,
         timings: &mut BootTimings,
         teardown: &mut Teardown,
     ) -> Result<Booted> {
+        let BootPlan {
+            opts,
+            tenant,
+            base,
+            memory,
+        } = plan;
         let cfg = &self.cfg;
         let setup_started = Instant::now();
 
@@ -816,6 +887,13 @@ impl VmManager {
             teardown.network = Some(handle);
         }
 
+        // A saveable VM's RAM file lives in its work dir (shared with QEMU's user).
+        let memory = match memory {
+            MemoryBacking::SharedFile { path } if path.is_relative() => MemoryBacking::SharedFile {
+                path: work_dir.join(path),
+            },
+            other => other.clone(),
+        };
         let spec = VmSpec {
             vm_id,
             work_dir: work_dir.clone(),
@@ -823,6 +901,7 @@ impl VmManager {
             initramfs: cfg.assets.initramfs.clone(),
             disk: overlay.path.clone(),
             memory_mb: opts.memory_mb,
+            memory: memory.clone(),
             vcpus: cfg.vcpus,
             accelerator: cfg.accelerator,
             agent_socket: work_dir.join("agent.sock"),
@@ -905,6 +984,10 @@ impl VmManager {
         timings.overlay_ms = millis(overlay_took);
         timings.guest_wait_ms = millis(wait_started.elapsed());
         timings.boot_ms = millis(boot_started.elapsed());
+        let saveable = match &memory {
+            MemoryBacking::SharedFile { path } => Some((path.clone(), work_dir.join("state"))),
+            _ => None,
+        };
         Ok(Booted {
             vm_id,
             process,
@@ -912,9 +995,18 @@ impl VmManager {
             limits: Some(limit_handle),
             exposed_ports,
             agent,
+            saveable,
             teardown: teardown.take(),
         })
     }
+}
+
+/// What one boot attempt starts from.
+struct BootPlan<'a> {
+    opts: &'a VmOptions,
+    tenant: &'a str,
+    base: &'a Path,
+    memory: &'a MemoryBacking,
 }
 
 struct Booted {
@@ -924,6 +1016,7 @@ struct Booted {
     limits: Option<LimitHandle>,
     exposed_ports: Vec<ExposedPort>,
     agent: AgentInfo,
+    saveable: Option<(PathBuf, PathBuf)>,
     teardown: Teardown,
 }
 

@@ -153,6 +153,7 @@ fn harness(
         limiter: Arc::new(lim),
         network: None,
         channel: Arc::new(channel.clone()),
+        snapshots: None,
     };
     let mut cfg = VmManagerConfig::new(assets(dir.path()), work_root.clone(), Accelerator::Tcg);
     cfg.boot_timeout = Duration::from_millis(300);
@@ -609,6 +610,7 @@ async fn cancellation_between_overlay_and_limits_releases_the_overlay() {
         limiter: Arc::new(StallingLimiter),
         network: None,
         channel: Arc::new(FakeChannel::new(Vec::new())),
+        snapshots: None,
     };
     let work_root = dir.path().join("work");
     let cfg = VmManagerConfig::new(assets, work_root.clone(), crate::ports::Accelerator::Tcg);

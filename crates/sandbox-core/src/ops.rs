@@ -111,6 +111,11 @@ impl ExecOutcome {
             memory_peak_mb: usage.memory_peak_bytes.map(|b| b / (1024 * 1024)),
             timing,
             warm_pool_hit,
+            vm_start: if warm_pool_hit {
+                crate::result::VmStart::WarmPool
+            } else {
+                crate::result::VmStart::Cold
+            },
             exposed_ports,
         }
     }

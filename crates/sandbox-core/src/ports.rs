@@ -75,6 +75,8 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// Guest memory in MiB.
     pub memory_mb: u32,
+    /// Where the guest memory comes from.
+    pub memory: MemoryBacking,
     /// Virtual CPUs.
     pub vcpus: u32,
     /// KVM or TCG.
@@ -89,6 +91,29 @@ pub struct VmSpec {
     pub console: ConsoleSpec,
     /// Extra kernel command-line arguments (e.g. the guest network configuration).
     pub kernel_args: Vec<String>,
+}
+
+/// Where a VM's RAM comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MemoryBacking {
+    /// Anonymous memory of the VM process (nothing to save).
+    #[default]
+    Anonymous,
+    /// A file shared with the host (`share=on`): the VM can be saved with
+    /// [`ControlCommand::Save`] without copying its RAM, which stays in `path`.
+    SharedFile {
+        /// The RAM file (created by the hypervisor).
+        path: PathBuf,
+    },
+    /// A clone of a saved VM: RAM mapped copy-on-write from a published, read-only file
+    /// (many clones share its pages), device state loaded from `state`, then resumed. The
+    /// machine, devices, memory size, vCPUs and CPU model must equal the saved VM's.
+    Restore {
+        /// The published RAM file (never written).
+        ram: PathBuf,
+        /// The published device state.
+        state: PathBuf,
+    },
 }
 
 /// How a VM process ended.
@@ -111,7 +136,7 @@ impl fmt::Display for ExitInfo {
 }
 
 /// Commands of the hypervisor's control interface (QMP).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlCommand {
     /// Pause the vCPUs.
     Stop,
@@ -121,6 +146,12 @@ pub enum ControlCommand {
     Quit,
     /// Report the run state.
     QueryStatus,
+    /// Pause the vCPUs and write the device state to `state` (the RAM stays in the
+    /// [`MemoryBacking::SharedFile`]); the VM stays paused. Only for shared-file VMs.
+    Save {
+        /// Where the device state goes.
+        state: PathBuf,
+    },
 }
 
 /// Answer of the control interface.
@@ -142,7 +173,26 @@ pub enum ControlReply {
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
     /// Starts a VM from `spec`. Returns once the process runs, not when the guest is up.
+    /// A [`MemoryBacking::Restore`] spec is resumed from its snapshot before this returns.
     async fn launch(&self, spec: &VmSpec) -> Result<Box<dyn VmProcess>>;
+
+    /// What a VM saved on this hypervisor under `accelerator` must share with the VMs that
+    /// restore it (part of the snapshot key); `None` when it cannot save and restore VMs.
+    fn snapshot_profile(&self, accelerator: Accelerator) -> Option<SnapshotProfile> {
+        let _ = accelerator;
+        None
+    }
+}
+
+/// The hypervisor's part of a snapshot key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotProfile {
+    /// The hypervisor's version, verbatim.
+    pub version: String,
+    /// The guest CPU model.
+    pub cpu_model: String,
+    /// Machine and device list, canonical (what must be equal on both sides).
+    pub devices: String,
 }
 
 /// A running VM process.

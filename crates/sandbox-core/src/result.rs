@@ -44,6 +44,19 @@ impl ExposedPort {
     }
 }
 
+/// How the VM of a run or session started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStart {
+    /// A full boot of the guest kernel and agent.
+    #[default]
+    Cold,
+    /// Restored from the L1 memory snapshot of its kind.
+    Snapshot,
+    /// Taken from the warm pool (booted or restored earlier).
+    WarmPool,
+}
+
 /// Where the time of one run went, in milliseconds. Durations are unsigned, so never
 /// negative; [`TimingBreakdown::finish`] makes `total_ms` at least the sum of the phases.
 ///
@@ -130,6 +143,9 @@ pub struct ExecutionResult {
     pub timing: TimingBreakdown,
     /// True when the VM came from the warm pool.
     pub warm_pool_hit: bool,
+    /// How the VM started: `cold`, `snapshot` or `warm_pool`.
+    #[serde(default)]
+    pub vm_start: VmStart,
     /// Ports exposed on the host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exposed_ports: Vec<ExposedPort>,

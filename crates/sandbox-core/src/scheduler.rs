@@ -107,6 +107,8 @@ struct Inner {
     admission: Option<Admission>,
     pool: Mutex<Option<Arc<WarmPool>>>,
     live_sessions: Mutex<Vec<WeakSession>>,
+    /// Background work (L1 snapshot creation), aborted at stop.
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     started: AtomicBool,
     stopped: AtomicBool,
 }
@@ -138,6 +140,7 @@ impl Scheduler {
                 admission,
                 pool: Mutex::new(None),
                 live_sessions: Mutex::new(Vec::new()),
+                background: Mutex::new(Vec::new()),
                 started: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
             }),
@@ -176,6 +179,16 @@ impl Scheduler {
         let pool = self.inner.pool.lock().ok().and_then(|mut p| p.take());
         if let Some(pool) = pool {
             pool.stop().await;
+        }
+        let background: Vec<tokio::task::JoinHandle<()>> = self
+            .inner
+            .background
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for task in background {
+            task.abort();
+            let _ = task.await;
         }
         let sessions: Vec<Session> = self
             .inner
@@ -270,8 +283,72 @@ impl Scheduler {
         vm: VmOptions,
     ) -> Result<(crate::manager::Vm, Option<AdmissionPermit>, Duration)> {
         let (permit, slot, waited) = self.capacity(vm.memory_mb).await?;
+        let snapshot_opts = vm.clone();
         let vm = self.inner.manager.create_vm_with_slot(slot, vm).await?;
+        if vm.start_kind() == crate::result::VmStart::Cold {
+            self.snapshot_in_background(snapshot_opts);
+        }
         Ok((vm, permit, waited))
+    }
+
+    /// After a cold boot: creates the L1 snapshot of its kind in the background, with
+    /// capacity that is free at once (never ahead of requests), when snapshots are on and
+    /// it does not exist yet. Concurrent calls for one key make it once (the store's
+    /// drafts are exclusive, also across processes).
+    fn snapshot_in_background(&self, mut opts: VmOptions) {
+        if self.inner.manager.ports.snapshots.is_none() || self.inner.stopped.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        opts.slot_wait = Some(Duration::ZERO);
+        let sched = self.clone();
+        let task = tokio::spawn(
+            async move {
+                let _permit = match &sched.inner.admission {
+                    Some(a) => {
+                        let cfg = sched.inner.manager.config();
+                        let mem = f64::from(opts.memory_mb) + cfg.vm_overhead_mb as f64;
+                        match a.try_acquire(mem, f64::from(cfg.vcpus)) {
+                            Some(p) => Some(p),
+                            None => return,
+                        }
+                    }
+                    None => None,
+                };
+                let language = opts.language;
+                match sched.inner.manager.create_snapshot(opts).await {
+                    Ok(made) => tracing::debug!(%language, made, "L1 snapshot creation done"),
+                    Err(e) => {
+                        tracing::warn!(%language, error = %e, "creating the L1 snapshot failed")
+                    }
+                }
+            }
+            .instrument(info_span!("snapshot")),
+        );
+        if let Ok(mut tasks) = self.inner.background.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        }
+    }
+
+    /// Waits (bounded) until background snapshot creation is done.
+    pub async fn wait_background(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let busy = self
+                .inner
+                .background
+                .lock()
+                .map(|t| t.iter().any(|t| !t.is_finished()))
+                .unwrap_or(false);
+            if !busy {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs `req` in a fresh VM (from the warm pool when eligible) and destroys the VM,
@@ -297,6 +374,7 @@ impl Scheduler {
             None
         };
         let warm_pool_hit = pooled.is_some();
+        let mut vm_start = crate::result::VmStart::WarmPool;
         let (vm, _permit) = match pooled {
             Some(p) => (p.vm, p.permit),
             None => {
@@ -316,6 +394,7 @@ impl Scheduler {
                 timing.boot_ms = b.boot_ms;
                 timing.guest_wait_ms = b.guest_wait_ms;
                 timing.boot_retries = b.retries;
+                vm_start = vm.start_kind();
                 (vm, permit)
             }
         };
@@ -333,7 +412,9 @@ impl Scheduler {
             outcome.execution_ms,
         );
         timing.finish(started.elapsed());
-        Ok(outcome.into_result(usage, timing, warm_pool_hit, exposed_ports))
+        let mut result = outcome.into_result(usage, timing, warm_pool_hit, exposed_ports);
+        result.vm_start = vm_start;
+        Ok(result)
     }
 
     /// Starts a session: a VM kept with its REPL state until closed or idle.

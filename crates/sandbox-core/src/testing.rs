@@ -781,6 +781,7 @@ fn build_fake_manager(
             .clone()
             .map(|n| Arc::new(n) as Arc<dyn crate::ports::NetworkProxy>),
         channel: Arc::new(channel.clone()),
+        snapshots: None,
     };
     let mut cfg = crate::manager::VmManagerConfig::new(
         assets,

@@ -16,6 +16,11 @@ impl VmId {
         Self(Uuid::new_v4())
     }
 
+    /// The id with this UUID (fixed ids for templates and tests).
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
     /// The underlying UUID.
     pub fn as_uuid(&self) -> Uuid {
         self.0

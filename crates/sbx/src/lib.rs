@@ -72,6 +72,9 @@ pub struct SbxConfig {
     pub boot_timeout: Option<Duration>,
     /// Boot attempts for transient failures (default 3).
     pub boot_attempts: Option<u32>,
+    /// L1 memory snapshots: where they are kept, or `None` to boot every VM cold.
+    /// `SBX_SNAPSHOTS=1` turns them on in `$SBX_SNAPSHOT_DIR`, else `~/.cache/sbx/snapshots`.
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// The default assets dir: `$SBX_ASSETS_DIR`, else `~/.cache/sbx/assets`.
@@ -114,6 +117,11 @@ impl SbxConfig {
             network: None,
             boot_timeout: None,
             boot_attempts: None,
+            // Off until clones reseed their randomness on resume (`SBX_SNAPSHOTS=1`).
+            snapshot_dir: match std::env::var("SBX_SNAPSHOTS").as_deref().map(str::trim) {
+                Ok("1" | "on" | "true" | "yes") => Some(snapshot_store::default_root()),
+                _ => None,
+            },
         }
     }
 }
@@ -218,12 +226,21 @@ impl Sbx {
         let channel = qemu_cmd::SerialGuestChannel::new(qemu.qemu_uid());
         let network: Option<Arc<dyn NetworkProxy>> = netproxy_adapter(cfg.network.clone());
         let accelerator = report.accelerator();
+        let snapshots = match &cfg.snapshot_dir {
+            Some(dir) => {
+                let store =
+                    snapshot_store::FsSnapshotStore::open(dir.clone()).map_err(Error::from)?;
+                Some(Arc::new(store) as Arc<dyn sandbox_core::snapshot::SnapshotStore>)
+            }
+            None => None,
+        };
         let ports = Ports {
             hypervisor: Arc::new(qemu),
             overlays: overlays.clone(),
             limiter: Arc::new(limiter),
             network: network.clone(),
             channel: Arc::new(channel),
+            snapshots,
         };
         let mut vm_cfg = VmManagerConfig::new(assets, cfg.work_dir.clone(), accelerator);
         vm_cfg.max_vms = cfg.max_vms;

@@ -734,3 +734,59 @@ async fn capacity_waits_show_in_admission_ms() {
     sbx.stop().await;
     assert_eq!(wait_no_qemu(), 0);
 }
+
+/// A snapshot dir of this test binary's own, readable by QEMU's user.
+fn snapshot_dir(name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::PathBuf::from(format!("{}-snap-{name}", work_dir().display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Issue 13 §2/§5: the first run of a kind boots cold and creates its L1 snapshot in the
+/// background; later runs restore from it, and say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn runs_restore_from_the_l1_snapshot_of_their_kind() {
+    let dir = snapshot_dir("runs");
+    let mut cfg = config(0);
+    cfg.snapshot_dir = Some(dir.clone());
+    let sbx = Sbx::start(cfg).await.unwrap();
+    for (lang, code) in [
+        (Language::Python, "print('ok')"),
+        (Language::Raw, "echo ok"),
+        (Language::Javascript, "console.log('ok')"),
+    ] {
+        let r = run(&sbx, lang, code).await;
+        assert_eq!(r.stdout, "ok\n", "{lang}");
+        assert_eq!(r.vm_start, sandbox_core::result::VmStart::Cold, "{lang}");
+        assert!(
+            sbx.scheduler()
+                .wait_background(Duration::from_secs(180))
+                .await,
+            "{lang}: snapshot creation did not finish"
+        );
+        for i in 0..2 {
+            let t = Instant::now();
+            let r = run(&sbx, lang, code).await;
+            eprintln!(
+                "{lang} restore {i}: {} ms (boot {} ms), timing {:?}",
+                t.elapsed().as_millis(),
+                r.timing.boot_ms,
+                r.timing
+            );
+            assert_eq!(r.stdout, "ok\n", "{lang}: {r:?}");
+            assert_eq!(r.exit_code, 0);
+            assert_eq!(
+                r.vm_start,
+                sandbox_core::result::VmStart::Snapshot,
+                "{lang}"
+            );
+        }
+    }
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,276 @@
+//! L1 memory snapshots in the VM manager: which VMs have a snapshot key, restoring a VM
+//! from its snapshot instead of booting it, and creating a snapshot from a warmed VM.
+//!
+//! A snapshot is keyed by everything a restored VM must share with the saved one: the
+//! content of the kernel, the initramfs (which holds the agent) and the base image, the
+//! hypervisor's profile (version, CPU model, machine and device list), the accelerator,
+//! memory, vCPUs and the language whose REPL is warm. Only offline VMs without a boot log
+//! are saved or restored. The [`SnapshotStore`](crate::snapshot::SnapshotStore) verifies
+//! what it hands out; a restore that fails anyway discards the snapshot and boots cold.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest as _, Sha256};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, PermanentCause, Result, TransientCause};
+use crate::manager::{Vm, VmManager, VmOptions};
+use crate::ports::{ControlCommand, MemoryBacking, NetworkPolicy};
+use crate::snapshot::{Sha256Digest, Snapshot, SnapshotKey, SnapshotKeyInputs};
+
+/// Content digests of files, each with the (size, mtime) it was taken at.
+pub(crate) type DigestCache = Arc<Mutex<HashMap<PathBuf, ((u64, SystemTime), Sha256Digest)>>>;
+
+/// Name of a saveable VM's RAM file in its work dir.
+pub const RAM_FILE: &str = "ram";
+
+/// How long the agent gets to notice the host hung up before the VM is paused and saved.
+const QUIET_BEFORE_SAVE: Duration = Duration::from_millis(200);
+
+/// How long a snapshot's REPL warm-up may take.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// SHA-256 of a file, streamed.
+fn sha256_file(path: &Path) -> std::io::Result<Sha256Digest> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Sha256Digest(h.finalize().into()))
+}
+
+impl VmManager {
+    /// The digest of `path`, from the cache while its size and mtime are unchanged.
+    async fn digest(&self, path: &Path) -> Result<Sha256Digest> {
+        let md = tokio::fs::metadata(path).await.map_err(|e| {
+            Error::permanent(
+                PermanentCause::MissingDependency,
+                format!("cannot read {}", path.display()),
+            )
+            .with_source(e)
+        })?;
+        let stamp = (md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+        if let Ok(cache) = self.digests.lock()
+            && let Some((s, d)) = cache.get(path)
+            && *s == stamp
+        {
+            return Ok(*d);
+        }
+        let owned = path.to_path_buf();
+        let digest = tokio::task::spawn_blocking(move || sha256_file(&owned))
+            .await
+            .map_err(|e| Error::permanent(PermanentCause::Internal, e.to_string()))?
+            .map_err(|e| {
+                Error::permanent(
+                    PermanentCause::MissingDependency,
+                    format!("cannot hash {}", path.display()),
+                )
+                .with_source(e)
+            })?;
+        if let Ok(mut cache) = self.digests.lock() {
+            cache.insert(path.to_path_buf(), (stamp, digest));
+        }
+        Ok(digest)
+    }
+
+    /// The L1 snapshot key of VMs made with `opts`, or `None` when such VMs are not
+    /// snapshotted (no store, a hypervisor that cannot, networking, a boot log).
+    pub async fn snapshot_key(&self, opts: &VmOptions) -> Option<SnapshotKey> {
+        self.ports.snapshots.as_ref()?;
+        if !matches!(opts.network, NetworkPolicy::None) || opts.boot_log.is_some() {
+            return None;
+        }
+        let cfg = self.config();
+        let profile = self.ports.hypervisor.snapshot_profile(cfg.accelerator)?;
+        let base = cfg.assets.images.get(&opts.language)?;
+        let digests = async {
+            Ok::<_, Error>((
+                self.digest(&cfg.assets.kernel).await?,
+                self.digest(&cfg.assets.initramfs).await?,
+                self.digest(base).await?,
+            ))
+        };
+        let (kernel, initramfs, base_image) = match digests.await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "no snapshot key: the guest assets cannot be hashed");
+                return None;
+            }
+        };
+        Some(
+            SnapshotKeyInputs {
+                kernel,
+                initramfs,
+                base_image,
+                package_layer: None,
+                // The agent is inside the initramfs, whose content is in the key.
+                agent_version: format!(
+                    "sbx {} protocol {}",
+                    env!("CARGO_PKG_VERSION"),
+                    guest_proto::PROTOCOL_VERSION
+                ),
+                qemu_version: profile.version,
+                accelerator: cfg.accelerator,
+                cpu_model: profile.cpu_model,
+                memory_mib: opts.memory_mb,
+                vcpus: cfg.vcpus,
+                devices: profile.devices,
+                language: opts.language,
+            }
+            .key(),
+        )
+    }
+
+    /// The verified snapshot VMs made with `opts` restore from, if one is published.
+    pub(crate) async fn find_snapshot(&self, opts: &VmOptions) -> Option<Snapshot> {
+        let store = self.ports.snapshots.clone()?;
+        let key = self.snapshot_key(opts).await?;
+        match store.lookup(&key).await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(%key, error = %e, "looking up the L1 snapshot failed; booting cold");
+                None
+            }
+        }
+    }
+
+    /// Removes the snapshot of `opts` (after it failed to restore).
+    pub(crate) async fn discard_snapshot(&self, opts: &VmOptions) {
+        let (Some(store), Some(key)) =
+            (self.ports.snapshots.clone(), self.snapshot_key(opts).await)
+        else {
+            return;
+        };
+        if let Err(e) = store.remove(&key).await {
+            warn!(%key, error = %e, "removing a snapshot that failed to restore");
+        }
+    }
+
+    /// Creates the L1 snapshot of VMs made with `opts`: boots one with its RAM in a shared
+    /// file, warms its REPL, saves it and publishes RAM and device state under its key.
+    /// Returns `Ok(false)` when there is nothing to do: not snapshottable, already
+    /// published, being made (here or by another process), or no VM slot free within
+    /// `opts.slot_wait` (default: none). Never leaves a half-written snapshot behind.
+    pub async fn create_snapshot(&self, opts: VmOptions) -> Result<bool> {
+        let (Some(store), Some(key)) =
+            (self.ports.snapshots.clone(), self.snapshot_key(&opts).await)
+        else {
+            return Ok(false);
+        };
+        if store.lookup(&key).await?.is_some() {
+            return Ok(false);
+        }
+        let Some(draft) = store.begin(&key).await? else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let slot = match self
+            .reserve_slot(opts.slot_wait.unwrap_or(Duration::ZERO))
+            .await
+        {
+            Ok(slot) => slot,
+            Err(e) if e.kind() == crate::ErrorKind::Transient(TransientCause::Capacity) => {
+                let _ = store.abandon(draft).await;
+                return Ok(false);
+            }
+            Err(e) => {
+                let _ = store.abandon(draft).await;
+                return Err(e);
+            }
+        };
+        let language = opts.language;
+        let vm = self
+            .create_vm_as(
+                slot,
+                opts,
+                started,
+                MemoryBacking::SharedFile {
+                    path: PathBuf::from(RAM_FILE),
+                },
+            )
+            .await?;
+        let saved = async {
+            tokio::time::timeout(WARM_UP_TIMEOUT, vm.warm_up(language))
+                .await
+                .map_err(|_| {
+                    Error::transient(
+                        TransientCause::BootTimeout,
+                        "the REPL of the VM to snapshot did not warm up",
+                    )
+                })??;
+            let (ram, state) = vm.save().await?;
+            let ram_to = draft.ram_path().to_path_buf();
+            let state_to = draft.state_path().to_path_buf();
+            copy_published(&ram, &ram_to).await?;
+            copy_published(&state, &state_to).await?;
+            Ok::<_, Error>(())
+        }
+        .await;
+        let vm_id = vm.id();
+        vm.destroy().await;
+        match saved {
+            Ok(()) => {
+                let snap = store.publish(draft).await?;
+                info!(%key, %vm_id, %language, ram_bytes = snap.manifest.ram.size,
+                    took_ms = crate::result::millis(started.elapsed()), "L1 snapshot published");
+                Ok(true)
+            }
+            Err(e) => {
+                let _ = store.abandon(draft).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Copies a file QEMU wrote into a snapshot draft: a fresh inode owned by the host
+/// program (QEMU's user must never own a published file).
+async fn copy_published(from: &Path, to: &Path) -> Result<()> {
+    tokio::fs::copy(from, to).await.map(|_| ()).map_err(|e| {
+        Error::transient(
+            TransientCause::Infrastructure,
+            format!(
+                "copying {} into the snapshot draft {}",
+                from.display(),
+                to.display()
+            ),
+        )
+        .with_source(e)
+    })
+}
+
+impl Vm {
+    /// Saves a VM booted with its RAM in a shared file: closes the guest connection,
+    /// pauses the VM and writes its device state. Returns the RAM and state files (in the
+    /// VM's work dir, valid until it is destroyed). The VM stays paused.
+    pub(crate) async fn save(&self) -> Result<(PathBuf, PathBuf)> {
+        let Some((ram, state)) = self.saveable_files() else {
+            return Err(Error::permanent(
+                PermanentCause::Internal,
+                "this VM was not booted to be saved",
+            )
+            .with_vm(self.id()));
+        };
+        // No guest connection may be open in a snapshot: every clone gets its own.
+        self.conn().close().await;
+        tokio::time::sleep(QUIET_BEFORE_SAVE).await;
+        self.process()
+            .control(ControlCommand::Save {
+                state: state.clone(),
+            })
+            .await
+            .map_err(|e| e.with_vm(self.id()).with_operation("save"))?;
+        debug!(vm_id = %self.id(), "VM saved");
+        Ok((ram, state))
+    }
+}
