@@ -108,6 +108,7 @@ impl Booter {
             disk,
             memory_mb: 192,
             memory: Default::default(),
+            home_disk_mb: None,
             vcpus: 1,
             accelerator: self.accelerator,
             agent_socket: dir.join("agent.sock"),

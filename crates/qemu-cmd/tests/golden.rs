@@ -25,6 +25,7 @@ fn spec(accel: Accelerator, network: bool, verbose: bool) -> VmSpec {
         disk: w.join("overlay.qcow2"),
         memory_mb: 192,
         memory: Default::default(),
+        home_disk_mb: None,
         vcpus: 1,
         accelerator: accel,
         agent_socket: w.join("agent.sock"),

@@ -54,6 +54,7 @@ fn spec(dir: &Path, network: Option<PathBuf>) -> VmSpec {
         disk: dir.join("overlay.qcow2"),
         memory_mb: 128,
         memory: Default::default(),
+        home_disk_mb: None,
         vcpus: 1,
         accelerator: Accelerator::Tcg,
         agent_socket: dir.join("agent.sock"),

@@ -172,6 +172,8 @@ pub struct VmOptions {
     pub language: Language,
     /// Guest memory in MiB.
     pub memory_mb: u32,
+    /// Size of a disk-backed home directory in MB; `None`: a tmpfs home.
+    pub disk_mb: Option<u32>,
     /// Network policy.
     pub network: NetworkPolicy,
     /// Tenant; the manager's default when `None`.
@@ -189,6 +191,7 @@ impl VmOptions {
         Self {
             language,
             memory_mb: crate::request::DEFAULT_MEMORY_MB,
+            disk_mb: None,
             network: NetworkPolicy::None,
             tenant: None,
             boot_log: None,
@@ -902,6 +905,7 @@ impl VmManager {
             disk: overlay.path.clone(),
             memory_mb: opts.memory_mb,
             memory: memory.clone(),
+            home_disk_mb: opts.disk_mb,
             vcpus: cfg.vcpus,
             accelerator: cfg.accelerator,
             agent_socket: work_dir.join("agent.sock"),

@@ -5,7 +5,7 @@
 //! content of the kernel, the initramfs (which holds the agent) and the base image, the
 //! hypervisor's profile (version, CPU model, machine and device list), the accelerator,
 //! memory, vCPUs and the language whose REPL is warm. Only offline VMs without a boot log
-//! are saved or restored. The [`SnapshotStore`](crate::snapshot::SnapshotStore) verifies
+//! or a home disk are saved or restored. The [`SnapshotStore`](crate::snapshot::SnapshotStore) verifies
 //! what it hands out; a restore that fails anyway discards the snapshot and boots cold.
 
 use std::collections::HashMap;
@@ -87,7 +87,10 @@ impl VmManager {
     /// snapshotted (no store, a hypervisor that cannot, networking, a boot log).
     pub async fn snapshot_key(&self, opts: &VmOptions) -> Option<SnapshotKey> {
         self.ports.snapshots.as_ref()?;
-        if !matches!(opts.network, NetworkPolicy::None) || opts.boot_log.is_some() {
+        if !matches!(opts.network, NetworkPolicy::None)
+            || opts.boot_log.is_some()
+            || opts.disk_mb.is_some()
+        {
             return None;
         }
         let cfg = self.config();

@@ -365,6 +365,7 @@ impl Scheduler {
         let mut timing = TimingBreakdown::default();
         let network = NetworkPolicy::from_request(&req.network);
         let eligible = req.memory_mb == self.inner.cfg.default_memory_mb
+            && req.disk_mb.is_none()
             && matches!(network, NetworkPolicy::None)
             && opts.boot_log.is_none();
 
@@ -382,6 +383,7 @@ impl Scheduler {
                     .provision(vm_options(
                         req.language,
                         req.memory_mb,
+                        req.disk_mb,
                         network,
                         &req.tenant,
                         &opts,
@@ -426,6 +428,7 @@ impl Scheduler {
             .provision(vm_options(
                 req.language,
                 req.memory_mb,
+                req.disk_mb,
                 network,
                 &req.tenant,
                 &opts,
@@ -448,6 +451,7 @@ impl Scheduler {
 fn vm_options(
     language: crate::Language,
     memory_mb: u32,
+    disk_mb: Option<u32>,
     network: NetworkPolicy,
     tenant: &Option<String>,
     opts: &RunOptions,
@@ -455,6 +459,7 @@ fn vm_options(
     VmOptions {
         language,
         memory_mb,
+        disk_mb,
         network,
         tenant: tenant.clone(),
         boot_log: opts.boot_log.clone(),
