@@ -23,6 +23,7 @@ pub mod kernel;
 pub mod manifest;
 pub mod rootfs;
 pub mod tools;
+pub mod wheels;
 
 use std::collections::BTreeMap;
 use std::env;

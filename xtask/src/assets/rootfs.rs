@@ -13,10 +13,11 @@ use serde_json::json;
 
 use super::cache::{self, KeyBuilder, KeyRecord};
 use super::exec::{self, Step};
+use super::wheels::{self, Wheel};
 use super::{Ctx, tools};
 
 /// Bumped whenever the recipe (hooks, stripping, packing) changes the output.
-pub const RECIPE_VERSION: &str = "rootfs-recipe-5";
+pub const RECIPE_VERSION: &str = "rootfs-recipe-6";
 /// Debian suite of every image.
 pub const SUITE: &str = "bookworm";
 /// apt sources of every image (the same ones this machine uses, minus backports).
@@ -58,6 +59,8 @@ pub const RAW_PACKAGES: &[&str] = &[
     "less",
     "procps",
     "ca-certificates",
+    // `nc` (loopback tests, port checks): the OpenBSD netcat, as on most distributions.
+    "netcat-openbsd",
 ];
 
 /// One base image.
@@ -93,10 +96,24 @@ impl Image {
     pub fn packages(self) -> Vec<&'static str> {
         let extra: &[&str] = match self {
             Image::Raw => &[],
-            Image::Python => &["python3", "python3-pip", "python3-venv"],
+            // python-is-python3: the `python` command (a symlink to python3).
+            Image::Python => &[
+                "python3",
+                "python3-pip",
+                "python3-venv",
+                "python-is-python3",
+            ],
             Image::Javascript => &["nodejs", "npm"],
         };
         RAW_PACKAGES.iter().chain(extra).copied().collect()
+    }
+
+    /// Wheels vendored from PyPI (pinned, hash-checked; see [`wheels`]).
+    pub fn wheels(self) -> &'static [Wheel] {
+        match self {
+            Image::Python => &[wheels::UV, wheels::CLOUDPICKLE],
+            Image::Raw | Image::Javascript => &[],
+        }
     }
 
     /// The size budget of the qcow2, in MB (10^6 bytes).
@@ -340,16 +357,17 @@ pub fn parse_installed(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// `/etc/hosts` of every image. `localhost` is 127.0.0.1 only: clients that try `::1`
+/// first (Node's `fetch`, `getaddrinfo` order) would otherwise miss every server bound to
+/// 0.0.0.0. `::1` stays reachable by its own name.
+pub const HOSTS: &str = "127.0.0.1\tlocalhost sbx\n::1\tip6-localhost ip6-loopback\n";
+
 /// Files written after mmdebstrap (it manages `/etc/resolv.conf` and `/etc/hostname`
 /// itself during the build): the read-only root points resolv.conf into `/run`, where the
 /// agent writes it at boot.
 fn finalize(root: &Path) -> Result<()> {
     let etc = root.join("etc");
-    fs::write(
-        etc.join("hosts"),
-        "127.0.0.1\tlocalhost sbx\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-    )
-    .context("writing /etc/hosts")?;
+    fs::write(etc.join("hosts"), HOSTS).context("writing /etc/hosts")?;
     fs::write(etc.join("hostname"), "sbx\n").context("writing /etc/hostname")?;
     let resolv = etc.join("resolv.conf");
     cache::remove_any(&resolv)?;
@@ -365,12 +383,15 @@ pub fn smoke_commands(image: Image) -> Vec<&'static str> {
         "git --version && jq --version && curl --version && file /bin/ls && tree --version",
         "perl -e 1 && gawk --version && make --version && less --version && command -v ps",
         "cd /tmp && git init -q t && cd t && echo x > f && git add f && git -c user.name=u -c user.email=u@x commit -qm m && rm -rf /tmp/t",
+        "command -v nc && nc -h 2>&1 | grep -qi usage",
     ];
     match image {
         Image::Raw => {}
         Image::Python => c.extend([
             "python3 -c 'import ssl, json, sqlite3, ctypes, venv, zlib, lzma, bz2, hashlib, decimal, asyncio, urllib.request'",
             "pip3 --version",
+            "python --version && uv --version && uvx --version",
+            "python3 -c 'import cloudpickle, sys; f = cloudpickle.loads(cloudpickle.dumps(lambda x: x + 1)); sys.exit(f(1) != 2)'",
             "python3 -m venv --without-pip /tmp/v && /tmp/v/bin/python -c 'import sys' && rm -rf /tmp/v",
         ]),
         Image::Javascript => c.extend([
@@ -443,6 +464,7 @@ pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
         .field("image", image.name())
         .field("mmdebstrap-args", args_for_key.join("\n"))
         .field("candidates", versions.join("\n"))
+        .field("wheels", wheels::key_lines(image.wheels()).join("\n"))
         .field("erofs", EROFS_ARGS.join(" "))
         .field("qcow2", QCOW2_ARGS.join(" "))
         .field("agent", &agent_sha)
@@ -467,10 +489,22 @@ pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
     cache::remove_any(&root)?;
 
+    let mut fetched = Vec::new();
+    if !image.wheels().is_empty() {
+        let step = Step::start(&asset, "fetch pinned wheels (pip download, sha256 checked)");
+        for wheel in image.wheels() {
+            fetched.push((wheel, wheels::fetch(wheel, &work.join("wheels"), &log)?));
+        }
+        step.done();
+    }
+
     let step = Step::start(&asset, &format!("mmdebstrap ({} packages)", packages.len()));
     let args = mmdebstrap_args(image, &root, agent, &debs);
     exec::run_logged(Command::new("mmdebstrap").args(&args), &log)?;
     finalize(&root)?;
+    for (wheel, file) in &fetched {
+        wheels::install(wheel, file, &root, &work.join("wheel-unpack"), &log)?;
+    }
     step.done();
 
     let step = Step::start(&asset, "smoke-check the stripped root (chroot as user)");
@@ -541,6 +575,10 @@ pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
         ("candidate_versions".to_owned(), json!(candidates)),
         ("installed_packages".to_owned(), json!(installed)),
         ("agent_sha256".to_owned(), json!(agent_sha)),
+        (
+            "wheels".to_owned(),
+            json!(wheels::key_lines(image.wheels())),
+        ),
         ("format".to_owned(), json!("erofs in qcow2")),
         ("erofs_args".to_owned(), json!(EROFS_ARGS)),
         ("qcow2_args".to_owned(), json!(QCOW2_ARGS)),
@@ -681,6 +719,24 @@ qemu-utils:
         let ctx = Ctx::new(super::super::workspace_root(), dir.into()).unwrap();
         let rec = build(&ctx, image, Path::new(&agent)).unwrap();
         println!("{}", serde_json::to_string_pretty(&rec).unwrap());
+    }
+
+    #[test]
+    fn localhost_is_ipv4_only_and_python_has_its_wheels() {
+        let localhost: Vec<&str> = HOSTS
+            .lines()
+            .filter(|l| l.split_whitespace().skip(1).any(|n| n == "localhost"))
+            .collect();
+        assert_eq!(localhost.len(), 1, "{HOSTS}");
+        assert!(localhost[0].starts_with("127.0.0.1"));
+        assert!(HOSTS.contains("::1\tip6-localhost"));
+        let names: Vec<&str> = Image::Python.wheels().iter().map(|w| w.name).collect();
+        assert_eq!(names, ["uv", "cloudpickle"]);
+        assert!(Image::Raw.wheels().is_empty());
+        for img in Image::ALL {
+            assert!(img.packages().contains(&"netcat-openbsd"), "{img}");
+        }
+        assert!(Image::Python.packages().contains(&"python-is-python3"));
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub const IMAGES: &[Tool] = &[
     bin("hardlink", "util-linux"),
     bin("apt-cache", "apt"),
     bin("dpkg-query", "dpkg"),
+    // `python3 -m pip download` fetches the pinned wheels; `-m zipfile` unpacks them.
+    bin("python3", "python3"),
+    bin("pip3", "python3-pip"),
     file(
         "/usr/share/keyrings/debian-archive-keyring.gpg",
         "debian-archive-keyring",
