@@ -4,6 +4,93 @@
 # runs in __main__'s namespace, so state persists. Completion is reported only on fd 4
 # (never on stdout/stderr) as "<id> <exit code>\n", and only by the original wrapper
 # process: a forked child that returns into this loop exits silently.
+class _SbxMultiprocessingHook:
+    """Makes multiprocessing pickle with cloudpickle, so functions defined in the REPL
+    (lambdas, closures, classes) reach worker processes (Pool, Process under spawn or
+    forkserver).
+
+    Nothing is imported up front: this import hook waits for multiprocessing.process,
+    wraps BaseProcess.start, and the first start (every Pool starts its workers that way)
+    imports cloudpickle and patches multiprocessing.reduction."""
+
+    busy = False
+    patched = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "multiprocessing.process" or self.busy:
+            return None
+        import importlib.util
+
+        self.busy = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.busy = False
+        loader = spec and spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        hook = self
+        orig_exec = loader.exec_module
+
+        def exec_module(module):
+            orig_exec(module)
+            hook.wrap_start(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+    def wrap_start(self, module):
+        import sys
+
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+        base = module.BaseProcess
+        orig_start = base.start
+        hook = self
+
+        def start(proc):
+            hook.use_cloudpickle()
+            return orig_start(proc)
+
+        start.__doc__ = orig_start.__doc__
+        start.__wrapped__ = orig_start
+        base.start = start
+
+    def use_cloudpickle(self):
+        if self.patched:
+            return
+        self.patched = True
+        try:
+            import collections
+            import io
+
+            import cloudpickle
+            from multiprocessing import reduction
+        except Exception:
+            return
+        fp = reduction.ForkingPickler
+
+        class CloudForkingPickler(cloudpickle.Pickler):
+            # A class attribute: the C pickler reads dispatch_table once, in __init__.
+            # The ChainMap keeps later multiprocessing registrations visible.
+            dispatch_table = collections.ChainMap(
+                fp._extra_reducers, cloudpickle.Pickler.dispatch_table
+            )
+
+        def dumps(cls, obj, protocol=None):
+            buf = io.BytesIO()
+            CloudForkingPickler(buf, protocol).dump(obj)
+            return buf.getbuffer()
+
+        def dump(obj, file, protocol=None):
+            CloudForkingPickler(file, protocol).dump(obj)
+
+        fp.dumps = classmethod(dumps)
+        reduction.dump = dump
+
+
 def _sbx_repl():
     import json
     import linecache
@@ -12,7 +99,9 @@ def _sbx_repl():
     import traceback
 
     g = sys.modules["__main__"].__dict__
+    sys.meta_path.insert(0, _SbxMultiprocessingHook())
     g.pop("_sbx_repl", None)
+    g.pop("_SbxMultiprocessingHook", None)
     pid = os.getpid()
     try:
         import ctypes
