@@ -242,6 +242,153 @@ pub fn signal_tree(pid: i32, sig: Signal) {
     signal_group(pid, sig);
 }
 
+/// One process as `/proc` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Process id.
+    pub pid: i32,
+    /// Parent process id.
+    pub ppid: i32,
+    /// Real user id.
+    pub uid: u32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start_ticks: u64,
+}
+
+/// Which processes an interrupted execution takes down with it (see [`exec_victims`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sweep {
+    /// Only processes of this real uid (the user code's); `None`: any.
+    pub uid: Option<u32>,
+    /// Also processes that were orphaned (reparented to PID 1) during the execution, e.g.
+    /// double-forked daemons. Only where every such process belongs to this agent (PID 1
+    /// in the VM); never in host mode, where unrelated programs share the machine.
+    pub orphans: bool,
+}
+
+/// The processes an interrupted execution must kill, besides the REPL itself.
+///
+/// The rule: a process the user started lives until the session ends, unless a timeout
+/// (or cancel) interrupted the execution that started it. A process is the execution's
+/// when it started at or after `since` (clock ticks since boot, taken when the execution
+/// began) and its nearest ancestor that is older than the execution is the REPL (`repl`)
+/// or, with [`Sweep::orphans`], PID 1 (it was orphaned: a daemon that double-forked or
+/// `setsid`'d away). Processes forked meanwhile by an older background process descend
+/// from that process and are spared.
+pub fn exec_victims(procs: &[ProcInfo], repl: i32, since: u64, sweep: Sweep) -> Vec<i32> {
+    let by_pid: HashMap<i32, &ProcInfo> = procs.iter().map(|p| (p.pid, p)).collect();
+    let mut out = Vec::new();
+    for p in procs {
+        if p.pid == repl || p.pid <= 1 || p.start_ticks < since {
+            continue;
+        }
+        if sweep.uid.is_some_and(|uid| uid != p.uid) {
+            continue;
+        }
+        let mut cur = p.ppid;
+        // Bounded walk: the ancestry of a live process has no cycles, but /proc is read
+        // while processes come and go.
+        let mut steps = 0;
+        let victim = loop {
+            steps += 1;
+            if cur == repl {
+                break true;
+            }
+            if cur <= 1 || steps > 4096 {
+                break sweep.orphans;
+            }
+            match by_pid.get(&cur) {
+                // The parent exited while /proc was read: as good as orphaned.
+                None => break sweep.orphans,
+                Some(parent) if parent.start_ticks < since => break false,
+                Some(parent) => cur = parent.ppid,
+            }
+        };
+        if victim {
+            out.push(p.pid);
+        }
+    }
+    out
+}
+
+/// Every process in `/proc` (those that vanish while it is read are skipped).
+pub fn processes() -> Vec<ProcInfo> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(proc_info)
+        .collect()
+}
+
+fn proc_info(pid: i32) -> Option<ProcInfo> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (ppid, start_ticks) = parse_stat(&stat)?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())?;
+    Some(ProcInfo {
+        pid,
+        ppid,
+        uid,
+        start_ticks,
+    })
+}
+
+/// `(ppid, starttime)` from a `/proc/<pid>/stat` line.
+fn parse_stat(stat: &str) -> Option<(i32, u64)> {
+    // "pid (comm) state ppid ... starttime(22) ...": comm may contain anything, so count
+    // fields after the last ')'. Field 3 (state) is the first one there.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ppid = fields.get(1)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((ppid, start))
+}
+
+/// Now, in the clock ticks `/proc/<pid>/stat` counts process start times in (since boot).
+pub fn boot_ticks() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|ts| ts.tv_sec() as u64 * hz + ts.tv_nsec() as u64 * hz / 1_000_000_000)
+        .unwrap_or_default()
+}
+
+/// Sends `sig` to the REPL `repl` and to every process of the execution that started at
+/// `since` ([`exec_victims`]), plus those in `earlier` (victims of a previous signal of the
+/// same sequence, which may have been orphaned since) that still run. Returns the
+/// processes signalled, for the next step of the sequence.
+pub fn signal_exec(
+    repl: i32,
+    since: u64,
+    sweep: Sweep,
+    earlier: &[ProcInfo],
+    sig: Signal,
+) -> Vec<ProcInfo> {
+    if repl <= 1 {
+        return Vec::new();
+    }
+    // Read the tree before signalling the REPL: once it dies its children are orphaned.
+    let all = processes();
+    let fresh: HashSet<i32> = exec_victims(&all, repl, since, sweep).into_iter().collect();
+    let earlier: HashSet<(i32, u64)> = earlier.iter().map(|p| (p.pid, p.start_ticks)).collect();
+    let victims: Vec<ProcInfo> = all
+        .into_iter()
+        .filter(|p| fresh.contains(&p.pid) || earlier.contains(&(p.pid, p.start_ticks)))
+        .collect();
+    let _ = kill(Pid::from_raw(repl), sig);
+    for p in &victims {
+        let _ = kill(Pid::from_raw(p.pid), sig);
+    }
+    victims
+}
+
 /// Pids of all descendants of `root` (not including it), from `/proc/*/stat`.
 pub fn descendants(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
@@ -276,9 +423,7 @@ pub fn descendants(root: i32) -> Vec<i32> {
 
 fn parent_of(pid: i32) -> Option<i32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may contain anything, so parse after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    parse_stat(&stat).map(|(ppid, _)| ppid)
 }
 
 /// True when a process with this pid exists (zombies included).
@@ -327,4 +472,66 @@ pub fn random_hex() -> String {
         bytes = (nanos ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pid: i32, ppid: i32, uid: u32, start_ticks: u64) -> ProcInfo {
+        ProcInfo {
+            pid,
+            ppid,
+            uid,
+            start_ticks,
+        }
+    }
+
+    const VM: Sweep = Sweep {
+        uid: Some(1000),
+        orphans: true,
+    };
+
+    #[test]
+    fn an_interrupted_exec_takes_its_own_processes_only() {
+        let repl = 10;
+        let since = 500;
+        let procs = [
+            p(1, 0, 0, 0),         // the agent
+            p(10, 1, 1000, 100),   // the REPL
+            p(11, 10, 1000, 200),  // Popen child of an earlier exec: spared
+            p(12, 1, 1000, 300),   // daemon of an earlier exec: spared
+            p(20, 10, 1000, 500),  // foreground child of this exec
+            p(21, 20, 1000, 510),  // its child
+            p(22, 1, 1000, 520),   // daemon double-forked by this exec
+            p(23, 22, 1000, 530),  // the daemon's child
+            p(30, 12, 1000, 540),  // forked meanwhile by the old daemon: spared
+            p(31, 30, 1000, 550),  // and its child: spared
+            p(32, 11, 1000, 560),  // forked meanwhile by the old Popen child: spared
+            p(40, 1, 0, 600),      // a root helper (not user code): spared
+            p(41, 999, 1000, 610), // parent already gone: orphaned during this exec
+        ];
+        let mut v = exec_victims(&procs, repl, since, VM);
+        v.sort_unstable();
+        assert_eq!(v, [20, 21, 22, 23, 41]);
+        // Host mode: orphans are not attributable, only the REPL's descendants go.
+        let host = Sweep {
+            uid: None,
+            orphans: false,
+        };
+        let mut v = exec_victims(&procs, repl, since, host);
+        v.sort_unstable();
+        assert_eq!(v, [20, 21]);
+    }
+
+    #[test]
+    fn stat_lines_with_odd_command_names_parse() {
+        let line = "42 (a) b) (c) S 7 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 12345 1000 10";
+        assert_eq!(parse_stat(line), Some((7, 12345)));
+        assert_eq!(parse_stat("garbage"), None);
+        let me = proc_info(std::process::id() as i32).unwrap();
+        assert_eq!(me.uid, nix::unistd::getuid().as_raw());
+        assert!(me.start_ticks <= boot_ticks());
+        assert!(processes().iter().any(|p| p.pid == me.pid));
+    }
 }

@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::process::{self, ExitKind, Sandbox};
+use crate::process::{self, ExitKind, Sandbox, Sweep};
 use crate::server::Outbox;
 
 const PYTHON_WRAPPER: &str = include_str!("wrappers/python.py");
@@ -101,6 +101,7 @@ pub struct Repl {
     status: AsyncFd<OwnedFd>,
     exit: oneshot::Receiver<ExitKind>,
     exited: Option<ExitKind>,
+    sweep: Sweep,
 }
 
 fn interpreter_command(language: Language, cfg: &AgentConfig) -> Command {
@@ -274,6 +275,10 @@ impl Repl {
             status: async_fd(st_r)?,
             exit: spawned.exit,
             exited: None,
+            sweep: Sweep {
+                uid: cfg.user.map(|u| u.uid),
+                orphans: cfg.pid1 && cfg.user.is_some(),
+            },
         })
     }
 
@@ -305,9 +310,13 @@ impl Repl {
         }
     }
 
-    /// Kills the interpreter, its process group and its descendants.
+    /// Kills the interpreter process. Processes it started stay: background processes
+    /// live until the session ends (an interrupted execution kills its own ones first,
+    /// see [`Repl::run`]).
     pub fn kill(&self) {
-        process::signal_tree(self.pid, Signal::SIGKILL);
+        if self.pid > 1 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
     }
 
     fn encode(&self, id: &str, req: &ReplRequest<'_>) -> Vec<u8> {
@@ -348,8 +357,10 @@ impl Repl {
     /// Runs one request to completion, streaming output to `out`.
     ///
     /// Ends when the wrapper reports completion, when the interpreter dies, or after the
-    /// termination sequence (SIGTERM to the process tree, `grace`, SIGKILL) started by the
-    /// `deadline` or by `cancel`.
+    /// termination sequence (SIGTERM, `grace`, SIGKILL) started by the `deadline` or by
+    /// `cancel`. That sequence hits the REPL and every process this execution started
+    /// ([`process::exec_victims`]: its children and the daemons it orphaned), never the
+    /// background processes of earlier executions.
     pub async fn run(
         &mut self,
         req: &ReplRequest<'_>,
@@ -359,6 +370,9 @@ impl Repl {
         cancel: &CancellationToken,
     ) -> RunOutcome {
         self.discard_stale();
+        let since = process::boot_ticks();
+        let sweep = self.sweep;
+        let mut victims = Vec::new();
         let id = process::random_hex();
         let request = self.encode(&id, req);
         let mut written = 0usize;
@@ -445,11 +459,11 @@ impl Repl {
                     match phase {
                         Phase::Running { .. } => {
                             interrupted = Some(Interrupt::Timeout);
-                            process::signal_tree(pid, Signal::SIGTERM);
+                            victims = process::signal_exec(pid, since, sweep, &victims, Signal::SIGTERM);
                             phase = Phase::Terminating { kill_at: Instant::now() + grace };
                         }
                         Phase::Terminating { .. } => {
-                            process::signal_tree(pid, Signal::SIGKILL);
+                            victims = process::signal_exec(pid, since, sweep, &victims, Signal::SIGKILL);
                             phase = Phase::Killed { give_up_at: Instant::now() + KILL_WAIT };
                         }
                         Phase::Killed { .. } => result = Some((None, true)),
@@ -457,7 +471,7 @@ impl Repl {
                 }
                 () = cancel.cancelled(), if matches!(phase, Phase::Running { .. }) => {
                     interrupted = Some(Interrupt::Cancel);
-                    process::signal_tree(pid, Signal::SIGTERM);
+                    victims = process::signal_exec(pid, since, sweep, &victims, Signal::SIGTERM);
                     phase = Phase::Terminating { kill_at: Instant::now() + grace };
                 }
             }
@@ -504,10 +518,10 @@ impl Repl {
 
 impl Drop for Repl {
     fn drop(&mut self) {
+        // Only the interpreter: what the user started in earlier executions (its process
+        // group included) lives until the session ends.
         if self.exited.is_none() {
             self.kill();
-        } else {
-            process::signal_group(self.pid, Signal::SIGKILL);
         }
     }
 }

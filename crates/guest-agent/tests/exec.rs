@@ -250,6 +250,48 @@ async fn timeout_kills_nested_process_trees() {
 }
 
 #[tokio::test]
+async fn background_processes_outlive_later_timeouts_and_repl_deaths() {
+    let h = Harness::new();
+    // Started by execs that completed: they stay until the session ends.
+    let sh_bg: i32 = h
+        .exec(SH, "sleep 60 & echo $!")
+        .await
+        .ok()
+        .trim()
+        .parse()
+        .unwrap();
+    let py_bg: i32 = h
+        .exec(
+            PY,
+            "import subprocess\np = subprocess.Popen(['sleep', '60'])\nprint(p.pid)",
+        )
+        .await
+        .ok()
+        .trim()
+        .parse()
+        .unwrap();
+    // A later exec times out: only its own processes go.
+    let r = h.exec_t(SH, "sleep 30 & echo $!; sleep 60", 2).await;
+    assert_eq!(r.code(), -1);
+    let own: i32 = r.out().trim().parse().unwrap();
+    assert!(
+        gone_within(own, Duration::from_secs(3)).await,
+        "timed-out exec's child {own} survived"
+    );
+    // The REPLs die on their own (not by a timeout): their children stay too.
+    assert_eq!(h.exec(SH, "exit 3").await.code(), 3);
+    assert_eq!(h.exec(PY, "import os; os._exit(4)").await.code(), 4);
+    assert_eq!(h.exec(SH, "echo fresh").await.ok(), "fresh\n");
+    for pid in [sh_bg, py_bg] {
+        assert!(common::alive(pid), "background process {pid} was killed");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+#[tokio::test]
 async fn cancel_stops_an_exec() {
     let h = Harness::new();
     let token = CancellationToken::new();
