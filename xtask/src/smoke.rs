@@ -107,6 +107,7 @@ impl Booter {
             initramfs: assets.initramfs.clone(),
             disk,
             memory_mb: 192,
+            home_disk_mb: None,
             vcpus: 1,
             accelerator: self.accelerator,
             agent_socket: dir.join("agent.sock"),

@@ -57,12 +57,24 @@ fn errno_message(path: &str, err: Errno) -> GuestMessage {
         Errno::ENOTDIR => path_error(format!("a component of {path:?} is not a directory")),
         Errno::ENAMETOOLONG => path_error(format!("{path:?} is too long")),
         Errno::EISDIR => path_error(format!("{path:?} is a directory")),
+        Errno::ENOSPC | Errno::EDQUOT => no_space(&format!("{path:?}"), err.desc()),
         other => error(GuestErrorKind::Io, format!("{path:?}: {}", other.desc())),
     }
 }
 
+/// The typed error for a full home directory (`ENOSPC`, or `EDQUOT` over a quota).
+fn no_space(what: &str, desc: &str) -> GuestMessage {
+    error(
+        GuestErrorKind::NoSpace,
+        format!("{what}: {desc} (the VM's home directory is full)"),
+    )
+}
+
 fn io_message(what: &str, err: &io::Error) -> GuestMessage {
-    error(GuestErrorKind::Io, format!("{what}: {err}"))
+    match err.raw_os_error().map(Errno::from_raw) {
+        Some(e @ (Errno::ENOSPC | Errno::EDQUOT)) => no_space(what, e.desc()),
+        _ => error(GuestErrorKind::Io, format!("{what}: {err}")),
+    }
 }
 
 fn open_root(cfg: &AgentConfig) -> Result<OwnedFd, GuestMessage> {
@@ -412,4 +424,38 @@ pub fn list_dir(cfg: &AgentConfig, path: &str) -> GuestMessage {
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     GuestMessage::DirListing { entries }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(msg: &GuestMessage) -> GuestErrorKind {
+        match msg {
+            GuestMessage::Error { kind, .. } => *kind,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_a_typed_error() {
+        for errno in [Errno::ENOSPC, Errno::EDQUOT] {
+            let io = io::Error::from_raw_os_error(errno as i32);
+            let msg = io_message("write failed", &io);
+            assert_eq!(kind(&msg), GuestErrorKind::NoSpace, "{errno}");
+            assert_eq!(
+                kind(&errno_message("a.bin", errno)),
+                GuestErrorKind::NoSpace
+            );
+        }
+        let other = io::Error::from_raw_os_error(Errno::EIO as i32);
+        assert_eq!(
+            kind(&io_message("write failed", &other)),
+            GuestErrorKind::Io
+        );
+        assert_eq!(
+            kind(&errno_message("a", Errno::ENOENT)),
+            GuestErrorKind::Path
+        );
+    }
 }

@@ -8,9 +8,10 @@
 //! 2. wait (≤ 5 s) for `/dev/vda`, mount it read-only (EROFS, falling back to ext4) on
 //!    `/newroot`, move `/dev`, `/proc`, `/sys` below it, `MS_MOVE` it onto `/` and chroot
 //!    (switch_root style: the agent keeps running from memory);
-//! 3. tmpfs on `/tmp` (50 % of RAM, 1777, inode limit), `/dev/shm` (40 %, noexec) and
-//!    `/home/user` (40 %, owned by 1000:1000), all nosuid,nodev, with per-user quota where
-//!    the kernel supports it; `devpts`;
+//! 3. tmpfs on `/tmp` (50 % of RAM, 1777, inode limit) and `/dev/shm` (40 %, noexec);
+//!    `/home/user` on the host's ext4 home disk when one is attached (virtio serial
+//!    [`guest_proto::HOME_DISK_SERIAL`]), else a tmpfs (40 % of RAM, owned by 1000:1000);
+//!    all nosuid,nodev, tmpfs with per-user quota where the kernel supports it; `devpts`;
 //! 4. `/dev` clean-up (no block devices, no `/dev/mem|kmem|port`), sysctls, loopback up,
 //!    `eth0`, default route and `/run/resolv.conf` when the kernel command line carries
 //!    `sbx.net=` ([`crate::net`]), read-only binds over `/proc/sys` and
@@ -144,6 +145,40 @@ fn switch_root() -> io::Result<()> {
     Ok(())
 }
 
+/// The block device (`vdX`) whose virtio serial is [`guest_proto::HOME_DISK_SERIAL`],
+/// looked up below `sys_block` (`/sys/block`).
+pub fn find_home_disk(sys_block: &Path) -> Option<String> {
+    let mut names: Vec<String> = fs::read_dir(sys_block)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("vd"))
+        .collect();
+    names.sort();
+    names.into_iter().find(|n| {
+        fs::read_to_string(sys_block.join(n).join("serial"))
+            .is_ok_and(|s| s.trim_end_matches(['\0', '\n']) == guest_proto::HOME_DISK_SERIAL)
+    })
+}
+
+/// Mounts the host-made ext4 home disk `/dev/<dev>` on `/home/user` (nosuid, nodev; the
+/// host formatted it with the user as the owner of its root) and removes `lost+found`,
+/// which would show in every listing.
+fn mount_home_disk(dev: &str) -> io::Result<()> {
+    let flags = NOSUID_NODEV | MsFlags::MS_NOATIME;
+    // noinit_itable: no background zeroing of inode tables (the host's image is sparse,
+    // the tables read as zeros already); under TCG that work would compete with the code.
+    mount_fs(
+        &format!("/dev/{dev}"),
+        "/home/user",
+        "ext4",
+        flags,
+        Some("noinit_itable,errors=remount-ro"),
+    )?;
+    let _ = fs::remove_dir("/home/user/lost+found");
+    Ok(())
+}
+
 /// Guest time per setup phase, for the `guest ready` log line.
 struct Phases {
     last: Instant,
@@ -213,14 +248,26 @@ pub fn boot() -> AgentConfig {
     if let Err(err) = mount_tmpfs("/dev/shm", NOSUID_NODEV | MsFlags::MS_NOEXEC, &shm) {
         warn!(%err, "/dev/shm");
     }
-    let home = format!(
-        "size={}k,mode=0755,uid={},gid={}",
-        mem * 2 / 5,
-        user.uid,
-        user.gid
-    );
-    if let Err(err) = mount_tmpfs("/home/user", NOSUID_NODEV, &home) {
-        warn!(%err, "/home/user");
+    let on_disk = match find_home_disk(Path::new("/sys/block")) {
+        Some(dev) => match mount_home_disk(&dev) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(%err, dev, "home disk; falling back to a tmpfs home");
+                false
+            }
+        },
+        None => false,
+    };
+    if !on_disk {
+        let home = format!(
+            "size={}k,mode=0755,uid={},gid={}",
+            mem * 2 / 5,
+            user.uid,
+            user.gid
+        );
+        if let Err(err) = mount_tmpfs("/home/user", NOSUID_NODEV, &home) {
+            warn!(%err, "/home/user");
+        }
     }
     let _ = mount_fs(
         "devpts",
@@ -292,5 +339,24 @@ pub fn power_off() -> ! {
     // (PID 1 must not exit, which would panic the kernel).
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_home_disk_is_found_by_its_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path();
+        for (name, serial) in [("vda", ""), ("vdb", "sbx-home"), ("loop0", "sbx-home")] {
+            fs::create_dir(sys.join(name)).unwrap();
+            fs::write(sys.join(name).join("serial"), format!("{serial}\n")).unwrap();
+        }
+        assert_eq!(find_home_disk(sys).as_deref(), Some("vdb"));
+        fs::write(sys.join("vdb/serial"), "other\n").unwrap();
+        assert_eq!(find_home_disk(sys), None);
+        assert_eq!(find_home_disk(&sys.join("missing")), None);
     }
 }

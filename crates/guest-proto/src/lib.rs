@@ -149,6 +149,10 @@ pub use wire::WireMessage;
 /// exchanged in `Ping`/`Pong`.
 pub const PROTOCOL_VERSION: u8 = 1;
 
+/// virtio-blk serial of the disk that holds the guest's home directory, when the host
+/// attaches one (a per-VM ext4 image). Without it the home is a tmpfs.
+pub const HOME_DISK_SERIAL: &str = "sbx-home";
+
 /// Largest allowed value of a frame's length prefix (version + tag + op id + payload).
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 

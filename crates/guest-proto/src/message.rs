@@ -172,6 +172,8 @@ pub enum GuestErrorKind {
     Package,
     /// The interpreter could not be started or crashed.
     Execution,
+    /// The guest's filesystem is full (`ENOSPC`) or over its quota (`EDQUOT`).
+    NoSpace,
 }
 
 impl GuestErrorKind {
@@ -188,6 +190,7 @@ impl GuestErrorKind {
             Self::Protocol => "protocol",
             Self::Package => "package",
             Self::Execution => "execution",
+            Self::NoSpace => "no_space",
         }
     }
 }

@@ -293,6 +293,26 @@ impl<'a> QemuCommandBuilder<'a> {
             ),
         ));
         a.extend(["-device", "virtio-blk-device,drive=root"].map(OsString::from));
+        // Home disk (after the root, which stays /dev/vda); the guest finds it by serial.
+        if spec.home_disk_mb.is_some() {
+            a.push("-drive".into());
+            a.push(opt_with_path(
+                "file=",
+                &crate::home_disk::path(&spec.work_dir),
+                &format!(
+                    ",format=raw,if=none,id=home,cache=unsafe,aio={aio},discard=unmap,\
+                     detect-zeroes=unmap,werror=report,rerror=report"
+                ),
+            ));
+            a.push("-device".into());
+            a.push(
+                format!(
+                    "virtio-blk-device,drive=home,serial={}",
+                    guest_proto::HOME_DISK_SERIAL
+                )
+                .into(),
+            );
+        }
 
         // virtio-serial: console on port 0 (hvc0), the agent on port 1.
         a.extend(["-device", "virtio-serial-device,max_ports=2"].map(OsString::from));
@@ -386,6 +406,7 @@ pub(crate) mod tests {
             initramfs: "/a/initramfs.cpio.gz".into(),
             disk: "/w/over,lay.qcow2".into(),
             memory_mb: 192,
+            home_disk_mb: None,
             vcpus: 1,
             accelerator: accel,
             agent_socket: "/w/agent.sock".into(),
@@ -433,6 +454,37 @@ pub(crate) mod tests {
         };
         let b = QemuCommandBuilder::new(&s, &f2);
         assert!(b.machine().contains("pit=on"));
+    }
+
+    #[test]
+    fn a_home_disk_is_a_second_virtio_blk_with_its_serial() {
+        let f = features();
+        let mut s = spec(Accelerator::Tcg);
+        let argv = QemuCommandBuilder::new(&s, &f).build();
+        assert!(!argv.iter().any(|a| a.to_string_lossy().contains("id=home")));
+        s.home_disk_mb = Some(600);
+        let argv = QemuCommandBuilder::new(&s, &f).build();
+        let home = crate::home_disk::path(&s.work_dir);
+        let drive = argv
+            .iter()
+            .position(|a| a.to_string_lossy().contains("id=home"))
+            .expect("home drive");
+        let text = argv[drive].to_string_lossy();
+        assert!(
+            text.starts_with(&format!("file={},format=raw", home.display())),
+            "{text}"
+        );
+        assert!(has_pair(
+            &argv,
+            "-device",
+            "virtio-blk-device,drive=home,serial=sbx-home"
+        ));
+        // The root device comes first: it stays /dev/vda.
+        let root = argv
+            .iter()
+            .position(|a| a == OsStr::new("virtio-blk-device,drive=root"))
+            .unwrap();
+        assert!(root < drive);
     }
 
     #[test]

@@ -141,6 +141,11 @@ impl QemuHypervisor {
 
     /// Spawns the VM and returns the concrete process handle.
     pub async fn spawn(&self, spec: &VmSpec) -> sandbox_core::Result<QemuProcess> {
+        if let Some(mb) = spec.home_disk_mb {
+            crate::home_disk::create(&crate::home_disk::path(&spec.work_dir), mb)
+                .await
+                .map_err(|e| e.with_vm(spec.vm_id).with_operation("home_disk"))?;
+        }
         if let Some(run_as) = self.isolation.run_as {
             share_with_group(spec, run_as.gid).map_err(|e| {
                 sandbox_core::Error::permanent(
@@ -177,6 +182,10 @@ pub fn share_with_group(spec: &VmSpec, gid: u32) -> std::io::Result<()> {
     ];
     if let Some(NetworkAttachment::UnixStream { socket }) = &spec.network {
         shared.push((socket.as_path(), 0o660));
+    }
+    let home = crate::home_disk::path(&spec.work_dir);
+    if spec.home_disk_mb.is_some() {
+        shared.push((home.as_path(), 0o660));
     }
     for (path, mode) in shared {
         std::os::unix::fs::chown(path, None, Some(gid))

@@ -16,6 +16,7 @@
 mod channel;
 mod command;
 mod error;
+pub mod home_disk;
 mod hypervisor;
 mod peer;
 mod process;

@@ -24,6 +24,7 @@ fn spec(accel: Accelerator, network: bool, verbose: bool) -> VmSpec {
         initramfs: "/var/cache/sbx/assets/initramfs-python.cpio.zst".into(),
         disk: w.join("overlay.qcow2"),
         memory_mb: 192,
+        home_disk_mb: None,
         vcpus: 1,
         accelerator: accel,
         agent_socket: w.join("agent.sock"),

@@ -53,6 +53,7 @@ fn spec(dir: &Path, network: Option<PathBuf>) -> VmSpec {
         initramfs: dir.join("no-such-initramfs"),
         disk: dir.join("overlay.qcow2"),
         memory_mb: 128,
+        home_disk_mb: None,
         vcpus: 1,
         accelerator: Accelerator::Tcg,
         agent_socket: dir.join("agent.sock"),

@@ -61,6 +61,10 @@ pub enum ErrorKind {
     OutputLimit,
     /// The guest refused or failed an operation (bad path, I/O error, protocol error).
     Guest,
+    /// The VM's home directory is full (`ENOSPC`, or `EDQUOT` over a quota): the caller
+    /// wrote more than the VM has room for. A session stays alive; a larger home is
+    /// asked for with `disk_mb`.
+    NoSpace,
 }
 
 impl ErrorKind {
@@ -74,6 +78,7 @@ impl ErrorKind {
             Self::SessionClosed => "session_closed",
             Self::OutputLimit => "output_limit",
             Self::Guest => "guest",
+            Self::NoSpace => "no_space",
         }
     }
 }
@@ -233,6 +238,7 @@ mod tests {
             ErrorKind::SessionClosed,
             ErrorKind::OutputLimit,
             ErrorKind::Guest,
+            ErrorKind::NoSpace,
         ] {
             assert!(!Error::new(kind, "x").is_retryable(), "{kind}");
         }

@@ -167,6 +167,8 @@ pub struct VmOptions {
     pub language: Language,
     /// Guest memory in MiB.
     pub memory_mb: u32,
+    /// Size of a disk-backed home directory in MB; `None`: a tmpfs home.
+    pub disk_mb: Option<u32>,
     /// Network policy.
     pub network: NetworkPolicy,
     /// Tenant; the manager's default when `None`.
@@ -181,6 +183,7 @@ impl VmOptions {
         Self {
             language,
             memory_mb: crate::request::DEFAULT_MEMORY_MB,
+            disk_mb: None,
             network: NetworkPolicy::None,
             tenant: None,
             boot_log: None,
@@ -757,6 +760,7 @@ impl VmManager {
             initramfs: cfg.assets.initramfs.clone(),
             disk: overlay.path.clone(),
             memory_mb: opts.memory_mb,
+            home_disk_mb: opts.disk_mb,
             vcpus: cfg.vcpus,
             accelerator: cfg.accelerator,
             agent_socket: work_dir.join("agent.sock"),

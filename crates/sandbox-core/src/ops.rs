@@ -122,6 +122,14 @@ pub fn guest_error(kind: GuestErrorKind, message: String) -> Error {
         GuestErrorKind::OutputLimit => Error::new(ErrorKind::OutputLimit, message),
         GuestErrorKind::Execution => Error::transient(TransientCause::Execution, message),
         GuestErrorKind::Timeout => Error::transient(TransientCause::Infrastructure, message),
+        GuestErrorKind::NoSpace => Error::new(
+            ErrorKind::NoSpace,
+            format!(
+                "no space left in the VM's home directory: {message}; ask for a larger \
+                 home with disk_mb (at most {} MB)",
+                crate::request::MAX_DISK_MB
+            ),
+        ),
         GuestErrorKind::Path
         | GuestErrorKind::Io
         | GuestErrorKind::Request

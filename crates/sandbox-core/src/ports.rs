@@ -75,6 +75,10 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// Guest memory in MiB.
     pub memory_mb: u32,
+    /// A disk-backed home directory of this many MB: the hypervisor adapter creates an
+    /// empty ext4 image in `work_dir` and attaches it with the virtio serial
+    /// [`guest_proto::HOME_DISK_SERIAL`]. `None`: the guest's home is a tmpfs.
+    pub home_disk_mb: Option<u32>,
     /// Virtual CPUs.
     pub vcpus: u32,
     /// KVM or TCG.

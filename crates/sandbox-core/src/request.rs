@@ -26,6 +26,11 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u32 = 300;
 pub const MIN_IDLE_TIMEOUT_SECS: u32 = 10;
 /// Longest session idle timeout, in seconds.
 pub const MAX_IDLE_TIMEOUT_SECS: u32 = 3600;
+/// Smallest disk-backed home directory (`disk_mb`), in MB.
+pub const MIN_DISK_MB: u32 = 64;
+/// Largest disk-backed home directory (`disk_mb`), in MB: room for a few files at the
+/// 500 MB file limit. The host file is sparse: only what the guest writes takes space.
+pub const MAX_DISK_MB: u32 = 4096;
 /// Most ports one VM may expose.
 pub const MAX_EXPOSED_PORTS: usize = 10;
 /// Longest tenant or task identifier.
@@ -216,6 +221,16 @@ fn validate_memory(mb: u32) -> Result<()> {
     Ok(())
 }
 
+fn validate_disk(disk_mb: Option<u32>) -> Result<()> {
+    match disk_mb {
+        Some(mb) if !(MIN_DISK_MB..=MAX_DISK_MB).contains(&mb) => Err(Error::input(
+            "disk_mb",
+            format!("disk_mb {mb} MB is outside {MIN_DISK_MB}-{MAX_DISK_MB} MB"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn validate_code(code: &mut String) -> Result<()> {
     let stripped_len = limits::validate_code(code)
         .map_err(|e| Error::input("code", e.to_string()))?
@@ -309,6 +324,10 @@ pub struct RunRequest {
     /// Guest memory in MiB, ≥ 128.
     #[serde(default = "default_memory")]
     pub memory_mb: u32,
+    /// Size of a disk-backed home directory (`/home/user`), in MB, 64–4096; `None`: a
+    /// tmpfs home of 40 % of the guest memory (the fast default).
+    #[serde(default)]
+    pub disk_mb: Option<u32>,
     /// Environment variables for the code.
     #[serde(default)]
     pub env: Vec<(String, String)>,
@@ -339,6 +358,7 @@ impl RunRequest {
             code: code.into(),
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             memory_mb: DEFAULT_MEMORY_MB,
+            disk_mb: None,
             env: Vec::new(),
             network: NetworkRequest::default(),
             tenant: None,
@@ -351,6 +371,7 @@ impl RunRequest {
         validate_code(&mut self.code)?;
         validate_timeout(self.timeout_secs)?;
         validate_memory(self.memory_mb)?;
+        validate_disk(self.disk_mb)?;
         validate_env(&self.env)?;
         self.network.validate()?;
         if let Some(t) = &self.tenant {
@@ -380,6 +401,9 @@ pub struct SessionRequest {
     /// Guest memory in MiB, ≥ 128.
     #[serde(default = "default_memory")]
     pub memory_mb: u32,
+    /// Size of a disk-backed home directory, in MB (see [`RunRequest::disk_mb`]).
+    #[serde(default)]
+    pub disk_mb: Option<u32>,
     /// Idle timeout in seconds, 10–3600.
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u32,
@@ -401,6 +425,7 @@ impl SessionRequest {
         Self {
             language,
             memory_mb: DEFAULT_MEMORY_MB,
+            disk_mb: None,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             network: NetworkRequest::default(),
             tenant: None,
@@ -410,6 +435,7 @@ impl SessionRequest {
     /// Validates every field.
     pub fn validate(&mut self) -> Result<()> {
         validate_memory(self.memory_mb)?;
+        validate_disk(self.disk_mb)?;
         if !(MIN_IDLE_TIMEOUT_SECS..=MAX_IDLE_TIMEOUT_SECS).contains(&self.idle_timeout_secs) {
             return Err(Error::input(
                 "idle_timeout",
@@ -502,6 +528,36 @@ mod tests {
         assert_eq!(field_of(r.validate().unwrap_err()), "memory");
         r.memory_mb = 128;
         r.validate().unwrap();
+    }
+
+    #[test]
+    fn disk_bounds_and_default() {
+        let r = RunRequest::new(Language::Python, "1");
+        assert_eq!(r.disk_mb, None, "the default home is a tmpfs");
+        for (mb, ok) in [
+            (63, false),
+            (64, true),
+            (4096, true),
+            (4097, false),
+            (0, false),
+        ] {
+            let mut r = RunRequest::new(Language::Python, "1");
+            r.disk_mb = Some(mb);
+            let mut s = SessionRequest::new(Language::Python);
+            s.disk_mb = Some(mb);
+            for res in [r.validate(), s.validate()] {
+                match res {
+                    Ok(()) => assert!(ok, "{mb} accepted"),
+                    Err(e) => {
+                        assert!(!ok, "{mb} refused: {e}");
+                        assert_eq!(field_of(e), "disk_mb");
+                    }
+                }
+            }
+        }
+        let r: RunRequest =
+            serde_json::from_str(r#"{"language":"python","code":"1","disk_mb":600}"#).unwrap();
+        assert_eq!(r.disk_mb, Some(600));
     }
 
     #[test]

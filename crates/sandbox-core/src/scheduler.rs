@@ -244,6 +244,7 @@ impl Scheduler {
         &self,
         language: crate::Language,
         memory_mb: u32,
+        disk_mb: Option<u32>,
         network: NetworkPolicy,
         tenant: &Option<String>,
         opts: &RunOptions,
@@ -253,6 +254,7 @@ impl Scheduler {
             .create_vm(VmOptions {
                 language,
                 memory_mb,
+                disk_mb,
                 network,
                 tenant: tenant.clone(),
                 boot_log: opts.boot_log.clone(),
@@ -274,6 +276,7 @@ impl Scheduler {
         let mut timing = TimingBreakdown::default();
         let network = NetworkPolicy::from_request(&req.network);
         let eligible = req.memory_mb == self.inner.cfg.default_memory_mb
+            && req.disk_mb.is_none()
             && matches!(network, NetworkPolicy::None)
             && opts.boot_log.is_none();
 
@@ -290,7 +293,14 @@ impl Scheduler {
                 let permit = self.admit(req.memory_mb).await?;
                 timing.admission_ms = millis(t.elapsed());
                 let vm = self
-                    .create_vm(req.language, req.memory_mb, network, &req.tenant, &opts)
+                    .create_vm(
+                        req.language,
+                        req.memory_mb,
+                        req.disk_mb,
+                        network,
+                        &req.tenant,
+                        &opts,
+                    )
                     .await?;
                 let b = vm.boot_timings();
                 timing.setup_ms = b.setup_ms + b.slot_ms;
@@ -321,7 +331,14 @@ impl Scheduler {
         let permit = self.admit(req.memory_mb).await?;
         let network = NetworkPolicy::from_request(&req.network);
         let vm = self
-            .create_vm(req.language, req.memory_mb, network, &req.tenant, &opts)
+            .create_vm(
+                req.language,
+                req.memory_mb,
+                req.disk_mb,
+                network,
+                &req.tenant,
+                &opts,
+            )
             .await?;
         let session = Session::start(
             vm,

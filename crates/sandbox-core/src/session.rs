@@ -214,7 +214,7 @@ impl Session {
     fn survives(err: &Error) -> bool {
         matches!(
             err.kind(),
-            ErrorKind::Input | ErrorKind::OutputLimit | ErrorKind::Guest
+            ErrorKind::Input | ErrorKind::OutputLimit | ErrorKind::Guest | ErrorKind::NoSpace
         )
     }
 

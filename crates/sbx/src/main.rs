@@ -65,6 +65,9 @@ struct RunArgs {
     /// Guest memory in MB (≥ 128).
     #[arg(short, long, default_value_t = 192)]
     memory: u32,
+    /// Disk-backed home directory of MB (64-4096); default: a tmpfs of 40 % of the memory.
+    #[arg(long = "disk", value_name = "MB")]
+    disk: Option<u32>,
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(short, long = "env")]
     env: Vec<String>,
@@ -281,6 +284,7 @@ async fn run_single_with_files(
 ) -> Result<ExecutionResult, Error> {
     let mut sreq = SessionRequest::new(src.language);
     sreq.memory_mb = base.memory_mb;
+    sreq.disk_mb = base.disk_mb;
     sreq.network = base.network.clone();
     let session = sbx.scheduler().session(sreq, opts.clone()).await?;
     let result = async {
@@ -360,6 +364,7 @@ async fn cmd_run(args: RunArgs) -> i32 {
         let mut req = RunRequest::new(src.language, src.code.clone());
         req.timeout_secs = args.timeout;
         req.memory_mb = args.memory;
+        req.disk_mb = args.disk;
         req.env = env.clone();
         req.network.allow_network = args.network || !args.allow_domain.is_empty();
         req.network.allowed_domains = args.allow_domain.clone();

@@ -60,6 +60,7 @@ pub fn error_kind() -> impl Strategy<Value = GuestErrorKind> {
         Just(GuestErrorKind::Protocol),
         Just(GuestErrorKind::Package),
         Just(GuestErrorKind::Execution),
+        Just(GuestErrorKind::NoSpace),
     ]
 }
 

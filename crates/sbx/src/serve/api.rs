@@ -101,6 +101,10 @@ pub struct RunBody {
     /// Guest memory in MiB, at least 128 (default 192).
     #[serde(default, alias = "memory_mb")]
     pub memory: Option<u32>,
+    /// Size of a disk-backed home directory (`/home/user`) in MB, 64–4096; without it the
+    /// home is a tmpfs of 40 % of the guest memory.
+    #[serde(default)]
+    pub disk_mb: Option<u32>,
     /// Environment variables for the code.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -125,6 +129,7 @@ impl RunBody {
         req.timeout_secs = self.timeout.unwrap_or(defaults.default_timeout_secs);
         // The scheduler's default memory keeps the run eligible for the warm pool.
         req.memory_mb = self.memory.unwrap_or(defaults.default_memory_mb);
+        req.disk_mb = self.disk_mb;
         req.env = env_pairs(&self.env);
         req.network = network(
             self.allow_network,
@@ -154,6 +159,10 @@ pub struct SessionBody {
     /// Guest memory in MiB, at least 128 (default 192).
     #[serde(default, alias = "memory_mb")]
     pub memory: Option<u32>,
+    /// Size of a disk-backed home directory (`/home/user`) in MB, 64–4096; without it the
+    /// home is a tmpfs of 40 % of the guest memory.
+    #[serde(default)]
+    pub disk_mb: Option<u32>,
     /// Seconds without any operation before the session closes itself, 10–3600
     /// (default 300).
     #[serde(default, alias = "idle_timeout_secs")]
@@ -174,6 +183,7 @@ impl SessionBody {
     pub fn to_request(&self, defaults: &SchedulerConfig) -> SessionRequest {
         let mut req = SessionRequest::new(self.language.into());
         req.memory_mb = self.memory.unwrap_or(defaults.default_memory_mb);
+        req.disk_mb = self.disk_mb;
         req.idle_timeout_secs = self
             .idle_timeout
             .unwrap_or(defaults.session_idle_timeout_secs);
@@ -544,5 +554,10 @@ mod tests {
         assert!(serde_json::from_str::<RunBody>(r#"{"code":"1","tiemout":3}"#).is_err());
         let s: SessionBody = serde_json::from_str("{}").unwrap();
         assert_eq!(s.to_request(&d).idle_timeout_secs, 300);
+        assert_eq!(s.to_request(&d).disk_mb, None);
+        let s: SessionBody = serde_json::from_str(r#"{"disk_mb":600}"#).unwrap();
+        assert_eq!(s.to_request(&d).disk_mb, Some(600));
+        let b: RunBody = serde_json::from_str(r#"{"code":"1","disk_mb":64}"#).unwrap();
+        assert_eq!(b.to_request(&d).disk_mb, Some(64));
     }
 }

@@ -12,6 +12,7 @@
 //! | `too_many_sessions` (per-token limit) | 429 + `Retry-After` |
 //! | `permanent`, `internal` | 500 |
 //! | `guest` | 500 (404 for a missing file, 400 for a refused path) |
+//! | `no_space` (the VM's home directory is full) | 507 |
 //! | `outcome_unknown` | 502 |
 //! | `transient`, `capacity`, `shutting_down` | 503 + `Retry-After` |
 
@@ -173,6 +174,7 @@ impl From<&Error> for ApiError {
             ErrorKind::OutcomeUnknown => StatusCode::BAD_GATEWAY,
             ErrorKind::SessionClosed => StatusCode::GONE,
             ErrorKind::OutputLimit => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Guest => {
                 let m = e.message().to_ascii_lowercase();
                 if m.contains("does not exist") || m.contains("no such file") {
@@ -244,6 +246,7 @@ mod tests {
             (Error::session_closed("x"), 410, "session_closed"),
             (Error::new(ErrorKind::OutputLimit, "x"), 422, "output_limit"),
             (Error::new(ErrorKind::Guest, "io: boom"), 500, "guest"),
+            (Error::new(ErrorKind::NoSpace, "full"), 507, "no_space"),
             (
                 Error::new(ErrorKind::Guest, "path: \"a\" does not exist"),
                 404,

@@ -371,6 +371,7 @@ pub async fn exec(
         (status = 410, description = "Session closed", body = super::api::ErrorBody),
         (status = 413, description = "File larger than the limit", body = super::api::ErrorBody),
         (status = 500, description = "Guest error", body = super::api::ErrorBody),
+        (status = 507, description = "The VM's home directory is full (ask for more with disk_mb)", body = super::api::ErrorBody),
     ),
     security(("bearer" = []))
 )]
