@@ -390,7 +390,8 @@ pub fn smoke_commands(image: Image) -> Vec<&'static str> {
         Image::Python => c.extend([
             "python3 -c 'import ssl, json, sqlite3, ctypes, venv, zlib, lzma, bz2, hashlib, decimal, asyncio, urllib.request'",
             "pip3 --version",
-            "python --version && uv --version && uvx --version",
+            // uvx finds uv through /proc/self/exe: no /proc in this chroot (the VM test runs it).
+            "python --version && uv --version && test -x /usr/local/bin/uvx",
             "python3 -c 'import cloudpickle, sys; f = cloudpickle.loads(cloudpickle.dumps(lambda x: x + 1)); sys.exit(f(1) != 2)'",
             "python3 -m venv --without-pip /tmp/v && /tmp/v/bin/python -c 'import sys' && rm -rf /tmp/v",
         ]),
