@@ -62,7 +62,7 @@ fn to_hex(bytes: &[u8]) -> String {
 /// Bytes from hex digits (either case); `None` for an odd length or a non-hex digit.
 fn from_hex(text: &str) -> Option<Vec<u8>> {
     let digits = text.as_bytes();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
     digits
