@@ -50,8 +50,15 @@ pub struct AgentConfig {
     /// Microseconds of PID 1 setup: mounts, switch to the root image, hardening, network
     /// (reported in `Pong`).
     pub setup_us: Option<u64>,
-    /// True when running as PID 1 inside the VM: `Shutdown` powers the machine off.
+    /// True when running as PID 1 inside the VM: `Shutdown` powers the machine off, and
+    /// `Resume` sets the wall clock and feeds the kernel RNG.
     pub pid1: bool,
+    /// On `Resume`, replace a live node REPL with a fresh process instead of reseeding it
+    /// in place. Node's `crypto` draws from OpenSSL's DRBG, whose state is cloned with the
+    /// snapshot and cannot be reseeded from JavaScript (TLS and key generation use it
+    /// natively); the in-place reseed covers `Math.random` and the JavaScript `crypto`
+    /// functions only. A restart costs one node start-up.
+    pub restart_node_on_resume: bool,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin";
@@ -74,6 +81,7 @@ impl AgentConfig {
             boot_ms: None,
             setup_us: None,
             pid1: true,
+            restart_node_on_resume: true,
         }
     }
 
@@ -96,6 +104,7 @@ impl AgentConfig {
             boot_ms: None,
             setup_us: None,
             pid1: false,
+            restart_node_on_resume: true,
         }
     }
 

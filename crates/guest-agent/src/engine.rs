@@ -11,6 +11,7 @@
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,6 +28,8 @@ use crate::server::Outbox;
 
 /// How long a warm-up may take to get a REPL ready.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one REPL may take to reseed after a resume before it is replaced.
+const RESEED_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Builds a terminal `Error` message.
 pub fn error(kind: GuestErrorKind, message: impl Into<String>) -> GuestMessage {
@@ -41,6 +44,9 @@ pub fn error(kind: GuestErrorKind, message: impl Into<String>) -> GuestMessage {
 pub struct Engine {
     cfg: AgentConfig,
     repls: [Mutex<Option<Repl>>; 3],
+    /// Bumped by every `Resume` once the kernel part is done. A REPL whose
+    /// [`seed_epoch`](Repl::seed_epoch) is older reseeds before it runs code again.
+    resume_epoch: AtomicU64,
 }
 
 fn slot(language: Language) -> usize {
@@ -70,6 +76,7 @@ impl Engine {
         Ok(Engine {
             cfg,
             repls: [Mutex::new(None), Mutex::new(None), Mutex::new(None)],
+            resume_epoch: AtomicU64::new(0),
         })
     }
 
@@ -133,7 +140,7 @@ impl Engine {
 
         let mut guard = self.repls[slot(req.language)].lock().await;
         let spawn_started = Instant::now();
-        let repl = match self.ready_repl(&mut guard, req.language) {
+        let repl = match self.seeded_repl(&mut guard, req.language).await {
             Ok(repl) => repl,
             Err(msg) => return msg,
         };
@@ -148,6 +155,7 @@ impl Engine {
                 &ReplRequest {
                     code,
                     env: &req.env,
+                    reseed: false,
                 },
                 out,
                 deadline,
@@ -215,7 +223,12 @@ impl Engine {
         }
         if slot.is_none() {
             match Repl::spawn(language, &self.cfg) {
-                Ok(repl) => *slot = Some(repl),
+                Ok(mut repl) => {
+                    // Started after the last resume's kernel reseed (or before any): its
+                    // generators are seeded from the current kernel state.
+                    repl.set_seed_epoch(self.resume_epoch.load(Ordering::Acquire));
+                    *slot = Some(repl);
+                }
                 Err(err) => {
                     warn!(%language, %err, "cannot start interpreter");
                     return Err(error(
@@ -227,6 +240,109 @@ impl Engine {
         }
         slot.as_mut()
             .ok_or_else(|| error(GuestErrorKind::Execution, "interpreter missing"))
+    }
+
+    /// [`ready_repl`](Self::ready_repl), reseeded first when a `Resume` came since its
+    /// generators were seeded (replaced by a fresh process when that fails).
+    async fn seeded_repl<'a>(
+        &self,
+        slot: &'a mut Option<Repl>,
+        language: Language,
+    ) -> Result<&'a mut Repl, GuestMessage> {
+        let epoch = self.resume_epoch.load(Ordering::Acquire);
+        let stale = self.ready_repl(slot, language)?.seed_epoch() < epoch;
+        if stale {
+            self.reseed_slot(slot, language, epoch).await;
+        }
+        self.ready_repl(slot, language)
+    }
+
+    /// Reseeds the live REPL in `slot` for `epoch` (or, for node with
+    /// [`restart_node_on_resume`](AgentConfig::restart_node_on_resume), replaces it with a
+    /// fresh, warmed-up process). True when the slot holds a reseeded, ready REPL
+    /// afterwards; on failure the REPL is killed and the slot emptied, so the next exec
+    /// starts a fresh one. An empty or dead slot is left empty (false).
+    async fn reseed_slot(&self, slot: &mut Option<Repl>, language: Language, epoch: u64) -> bool {
+        let Some(repl) = slot.as_mut() else {
+            return false;
+        };
+        if !repl.is_alive() {
+            *slot = None;
+            return false;
+        }
+        if repl.seed_epoch() >= epoch {
+            return false;
+        }
+        let started = Instant::now();
+        let deadline = started + RESEED_TIMEOUT;
+        if language == Language::Javascript && self.cfg.restart_node_on_resume {
+            if let Some(old) = slot.take() {
+                old.kill();
+            }
+            let fresh = match self.ready_repl(slot, language) {
+                Ok(repl) => repl,
+                Err(_) => return false,
+            };
+            let outcome = noop(fresh, deadline, self.cfg.grace).await;
+            let ok = !outcome.repl_dead && outcome.status == Some(0);
+            debug!(%language, ok, ms = started.elapsed().as_millis() as u64, "REPL restarted after resume");
+            if !ok && let Some(repl) = slot.take() {
+                repl.kill();
+            }
+            return ok;
+        }
+        let ok = match repl.reseed(deadline, self.cfg.grace).await {
+            Ok(outcome) => !outcome.repl_dead && outcome.status == Some(0),
+            Err(err) => {
+                warn!(%language, %err, "cannot reseed the REPL");
+                false
+            }
+        };
+        debug!(%language, ok, ms = started.elapsed().as_millis() as u64, "REPL reseeded after resume");
+        if ok {
+            repl.set_seed_epoch(epoch);
+        } else if let Some(repl) = slot.take() {
+            warn!(%language, "REPL did not reseed; replacing it");
+            repl.kill();
+        }
+        ok
+    }
+
+    /// Handles `Resume` after a snapshot restore: as PID 1 sets the wall clock, credits
+    /// the host's bytes to the kernel pool and reseeds the CRNG (an `Error` if any of that
+    /// fails); then makes every live REPL reseed its generators. A REPL busy with an exec
+    /// is not waited for: it reseeds before its next one. Answers `Resumed`.
+    pub async fn resume(&self, unix_time_ns: u64, entropy: &[u8]) -> GuestMessage {
+        if let Err(err) = limits::validate_resume_entropy(entropy) {
+            return error(GuestErrorKind::Request, err);
+        }
+        if self.cfg.pid1 {
+            if let Err(err) = hardening::resume_kernel(unix_time_ns, entropy) {
+                warn!(%err, "resume: kernel part failed");
+                return error(GuestErrorKind::Io, format!("resume failed: {err}"));
+            }
+        } else {
+            warn!(
+                "resume: not PID 1, so the wall clock and the kernel RNG are left alone; \
+                 only the REPLs reseed"
+            );
+        }
+        // After the kernel reseed: whoever sees the new epoch reads fresh kernel bytes.
+        let epoch = self.resume_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        let languages = [Language::Python, Language::Javascript, Language::Raw];
+        let results = futures::future::join_all(languages.map(|language| async move {
+            match self.repls[slot(language)].try_lock() {
+                Ok(mut guard) => self.reseed_slot(&mut guard, language, epoch).await,
+                // An exec is running: its REPL reseeds before the next exec.
+                Err(_) => false,
+            }
+        }))
+        .await;
+        let reseeded = results.iter().filter(|ok| **ok).count();
+        GuestMessage::Resumed {
+            reseeded: u32::try_from(reseeded).unwrap_or(u32::MAX),
+            crng_reseeds: hardening::crng_reseeds(),
+        }
     }
 
     fn write_script(&self, code: &str) -> io::Result<PathBuf> {
@@ -253,30 +369,18 @@ impl Engine {
     /// Starts (or checks) the REPL of `language` and runs a no-op through it, so the next
     /// exec finds it ready. Answers `WarmUpDone` or `Error`.
     pub async fn warm_up(&self, language: Language, cancel: CancellationToken) -> GuestMessage {
-        let noop = match language {
-            Language::Python => "pass",
-            Language::Javascript => "undefined",
-            Language::Raw => ":",
-        };
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let sink = Outbox::detached(tx);
         let mut guard = self.repls[slot(language)].lock().await;
-        let repl = match self.ready_repl(&mut guard, language) {
+        let repl = match self.seeded_repl(&mut guard, language).await {
             Ok(repl) => repl,
             Err(msg) => return msg,
         };
-        let outcome = repl
-            .run(
-                &ReplRequest {
-                    code: noop,
-                    env: &[],
-                },
-                &sink,
-                Instant::now() + WARM_UP_TIMEOUT,
-                self.cfg.grace,
-                &cancel,
-            )
-            .await;
+        let outcome = run_noop(
+            repl,
+            Instant::now() + WARM_UP_TIMEOUT,
+            self.cfg.grace,
+            &cancel,
+        )
+        .await;
         if outcome.repl_dead || outcome.status != Some(0) {
             if let Some(repl) = guard.take() {
                 repl.kill();
@@ -304,6 +408,38 @@ impl Engine {
             }
         }
     }
+}
+
+/// Runs a no-op through `repl` (warm-up, or a check that a fresh REPL is ready).
+async fn run_noop(
+    repl: &mut Repl,
+    deadline: Instant,
+    grace: Duration,
+    cancel: &CancellationToken,
+) -> crate::repl::RunOutcome {
+    let code = match repl.language() {
+        Language::Python => "pass",
+        Language::Javascript => "undefined",
+        Language::Raw => ":",
+    };
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let sink = Outbox::detached(tx);
+    repl.run(
+        &ReplRequest {
+            code,
+            env: &[],
+            reseed: false,
+        },
+        &sink,
+        deadline,
+        grace,
+        cancel,
+    )
+    .await
+}
+
+async fn noop(repl: &mut Repl, deadline: Instant, grace: Duration) -> crate::repl::RunOutcome {
+    run_noop(repl, deadline, grace, &CancellationToken::new()).await
 }
 
 /// A temporary script removed when dropped.

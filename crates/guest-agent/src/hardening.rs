@@ -57,17 +57,82 @@ static CRNG_RESEEDS: AtomicU64 = AtomicU64::new(0);
 /// Asks the kernel to reseed its CRNG now, so VMs restored from one snapshot diverge.
 /// Needs CAP_SYS_ADMIN; a failure is logged and not counted.
 pub fn reseed_crng() {
-    let Ok(file) = fs::File::open("/dev/urandom") else {
-        warn!("RNDRESEEDCRNG: cannot open /dev/urandom");
-        return;
-    };
+    if let Err(err) = try_reseed_crng() {
+        warn!(%err, "RNDRESEEDCRNG failed");
+    }
+}
+
+/// [`reseed_crng`] with the error returned (and not logged).
+pub fn try_reseed_crng() -> io::Result<()> {
+    let file = fs::File::open("/dev/urandom")?;
     // SAFETY: RNDRESEEDCRNG takes no argument; the descriptor is valid for the call.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG as _) };
     if rc == 0 {
         CRNG_RESEEDS.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     } else {
-        warn!(err = %io::Error::last_os_error(), "RNDRESEEDCRNG failed");
+        Err(io::Error::last_os_error())
     }
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+/// Mixes `bytes` into the kernel's input pool and credits them as full entropy
+/// (`RNDADDENTROPY` with `entropy_count = 8 * len`). Needs CAP_SYS_ADMIN.
+pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    let len = i32::try_from(bytes.len())
+        .ok()
+        .filter(|n| *n <= i32::MAX / 8)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "too many entropy bytes"))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built in
+    // a u32 buffer so the header and the data are suitably aligned.
+    let words = 2 + bytes.len().div_ceil(4);
+    let mut info = vec![0u32; words];
+    info[0] = (len * 8).cast_unsigned();
+    info[1] = len.cast_unsigned();
+    for (i, byte) in bytes.iter().enumerate() {
+        let word = &mut info[2 + i / 4];
+        let mut le = word.to_ne_bytes();
+        le[i % 4] = *byte;
+        *word = u32::from_ne_bytes(le);
+    }
+    let file = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // SAFETY: `info` is a valid rand_pool_info whose buf_size matches the bytes behind it;
+    // the kernel only reads it during the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets `CLOCK_REALTIME` to `unix_time_ns`. Needs CAP_SYS_TIME.
+pub fn set_realtime(unix_time_ns: u64) -> io::Result<()> {
+    let secs = i64::try_from(unix_time_ns / 1_000_000_000)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "time out of range"))?;
+    let nanos = i64::try_from(unix_time_ns % 1_000_000_000).unwrap_or(0);
+    let ts = nix::sys::time::TimeSpec::new(secs, nanos);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(io::Error::from)
+}
+
+/// The kernel part of a resume after a snapshot restore, in order: wall clock, host
+/// entropy, CRNG reseed. Stops at the first failure, naming the step.
+pub fn resume_kernel(unix_time_ns: u64, entropy: &[u8]) -> io::Result<()> {
+    let step = |what: &str, err: io::Error| io::Error::new(err.kind(), format!("{what}: {err}"));
+    set_realtime(unix_time_ns).map_err(|e| step("clock_settime(CLOCK_REALTIME)", e))?;
+    add_entropy(entropy).map_err(|e| step("RNDADDENTROPY", e))?;
+    try_reseed_crng().map_err(|e| step("RNDRESEEDCRNG", e))?;
+    Ok(())
+}
+
+/// Fresh bytes from the kernel CRNG (`/dev/urandom`).
+pub fn kernel_random<const N: usize>() -> io::Result<[u8; N]> {
+    use std::io::Read;
+    let mut out = [0u8; N];
+    fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
+    Ok(out)
 }
 
 /// How many CRNG reseeds succeeded so far (reported in `Pong`).

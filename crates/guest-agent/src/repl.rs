@@ -88,6 +88,9 @@ pub struct ReplRequest<'a> {
     pub code: &'a str,
     /// Environment for this execution only (validated).
     pub env: &'a [(String, String)],
+    /// Instead of running code, reseed the interpreter's generators from the kernel
+    /// (Python and JavaScript; bash gets `RANDOM=<n>` as its code, see [`Repl::reseed`]).
+    pub reseed: bool,
 }
 
 /// A running interpreter with its pipes.
@@ -102,6 +105,8 @@ pub struct Repl {
     exit: oneshot::Receiver<ExitKind>,
     exited: Option<ExitKind>,
     sweep: Sweep,
+    /// The engine's resume epoch this interpreter's generators are seeded for.
+    seed_epoch: u64,
 }
 
 fn interpreter_command(language: Language, cfg: &AgentConfig) -> Command {
@@ -279,7 +284,59 @@ impl Repl {
                 uid: cfg.user.map(|u| u.uid),
                 orphans: cfg.pid1 && cfg.user.is_some(),
             },
+            seed_epoch: 0,
         })
+    }
+
+    /// The resume epoch this interpreter's generators are seeded for (see
+    /// [`Engine::resume`](crate::Engine::resume)).
+    pub fn seed_epoch(&self) -> u64 {
+        self.seed_epoch
+    }
+
+    /// Records that the generators are seeded for `epoch` (a fresh process is seeded for
+    /// the epoch current when it started; [`reseed`](Self::reseed) moves it on).
+    pub fn set_seed_epoch(&mut self, epoch: u64) {
+        self.seed_epoch = epoch;
+    }
+
+    /// Makes the interpreter reseed its random generators from the kernel CRNG, after a
+    /// snapshot restore gave every clone the same interpreter state:
+    ///
+    /// - Python: `random.seed()` (from `os.urandom`), numpy's global generator when
+    ///   `numpy.random` is loaded, and `tempfile`'s name sequence;
+    /// - JavaScript: `Math.random` is replaced by a generator that reads `/dev/urandom`,
+    ///   and `crypto.randomUUID` / `getRandomValues` / `randomBytes` / `randomFillSync` /
+    ///   `randomFill` / `randomInt` (also on `webcrypto`) draw from `/dev/urandom` too,
+    ///   instead of OpenSSL's DRBG and Node's UUID cache, whose states are cloned;
+    /// - bash: `RANDOM=<32 bits from the kernel>` (`SRANDOM` reads the kernel itself).
+    ///
+    /// Status 0 means reseeded; anything else means the REPL must be replaced.
+    pub async fn reseed(&mut self, deadline: Instant, grace: Duration) -> io::Result<RunOutcome> {
+        let bash_code;
+        let (code, reseed) = match self.language {
+            Language::Raw => {
+                let value = u32::from_ne_bytes(crate::hardening::kernel_random::<4>()?);
+                bash_code = format!("RANDOM={value}");
+                (bash_code.as_str(), false)
+            }
+            Language::Python | Language::Javascript => ("", true),
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let sink = Outbox::detached(tx);
+        Ok(self
+            .run(
+                &ReplRequest {
+                    code,
+                    env: &[],
+                    reseed,
+                },
+                &sink,
+                deadline,
+                grace,
+                &CancellationToken::new(),
+            )
+            .await)
     }
 
     /// The interpreter's pid (also its process group and session id).
@@ -322,7 +379,11 @@ impl Repl {
     fn encode(&self, id: &str, req: &ReplRequest<'_>) -> Vec<u8> {
         match self.language {
             Language::Python | Language::Javascript => {
-                let json = serde_json::json!({ "id": id, "code": req.code, "env": req.env });
+                let json = if req.reseed {
+                    serde_json::json!({ "id": id, "reseed": true })
+                } else {
+                    serde_json::json!({ "id": id, "code": req.code, "env": req.env })
+                };
                 let body = json.to_string();
                 let mut out = format!("{}\n", body.len()).into_bytes();
                 out.extend_from_slice(body.as_bytes());

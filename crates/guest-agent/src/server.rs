@@ -324,6 +324,16 @@ where
                         .await;
                 }
             }
+            HostMessage::Resume {
+                unix_time_ns,
+                entropy,
+            } => {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let done = engine.resume(unix_time_ns, &entropy).await;
+                    out.send(done).await;
+                });
+            }
             HostMessage::Shutdown => {
                 for token in ops_lock(&ops).values() {
                     token.cancel();

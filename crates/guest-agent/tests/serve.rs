@@ -395,3 +395,37 @@ async fn aborted_write_over_the_wire_leaves_no_file() {
     assert!(names.is_empty(), "left behind: {names:?}");
     assert!(!Path::new(&agent.root().join("partial.bin")).exists());
 }
+
+#[tokio::test]
+async fn resume_over_the_wire() {
+    let agent = Agent::start();
+    let mut c = agent.connect().await;
+    c.send(
+        1,
+        exec("import random; random.seed(5); print(random.random())"),
+    )
+    .await;
+    let (seeded, _) = c.until_done(1).await;
+    c.send(2, exec("random.seed(5)")).await;
+    c.until_done(2).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    c.send(
+        3,
+        HostMessage::Resume {
+            unix_time_ns: now,
+            entropy: Bytes::from(vec![9u8; 64]),
+        },
+    )
+    .await;
+    let (_, done) = c.until_done(3).await;
+    assert!(
+        matches!(done, GuestMessage::Resumed { reseeded: 1, .. }),
+        "{done:?}"
+    );
+    c.send(4, exec("print(random.random())")).await;
+    let (after, _) = c.until_done(4).await;
+    assert_ne!(after, seeded);
+}

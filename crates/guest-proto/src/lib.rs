@@ -31,7 +31,9 @@
 //! - **JSON** (every other message): a `serde_json` object of the message's fields, named as
 //!   in the Rust types; unknown fields are refused. [`Language`] is lowercase,
 //!   [`GuestErrorKind`] snake_case, `sha256` fields are 64 lowercase hex digits, `env` is a
-//!   list of `[name, value]` pairs, absent `Option`s are `null` or missing.
+//!   list of `[name, value]` pairs, `Resume`'s `entropy` is lowercase hex (32 to 256
+//!   bytes; any other length is refused when encoding and decoding), absent `Option`s are
+//!   `null` or missing.
 //!   Example: `Ping` for op 1 is
 //!   `00 00 00 20 | 01 | 01 | 00 00 00 00 00 00 00 01 | {"protocol_version":1}`.
 //!
@@ -52,7 +54,8 @@
 //! | 9   | `InstallPackages`              | `DirListing`                    |
 //! | 10  | `Cancel` (empty)               | `PackagesInstalled`             |
 //! | 11  | `Shutdown` (empty)             | `Error`                         |
-//! | 12  |                                | `ShuttingDown` (empty)          |
+//! | 12  | `Resume`                       | `ShuttingDown` (empty)          |
+//! | 13  |                                | `Resumed`                       |
 //!
 //! # Operations
 //!
@@ -77,6 +80,13 @@
 //!   reply of its own; the cancelled operation ends early with its usual terminal message
 //!   or an `Error`. Cancelling an unknown or finished op id does nothing.
 //! - **Shutdown**: `Shutdown` → `ShuttingDown`, then the guest powers off.
+//! - **Resume** (after a restore from a memory snapshot, before anything else):
+//!   `Resume { unix_time_ns, entropy }` → `Resumed { reseeded, crng_reseeds }` | `Error`.
+//!   The guest answers only after it has set its wall clock, credited the bytes to the
+//!   kernel pool and reseeded the CRNG; every live REPL reseeds its generators before it
+//!   runs user code again. Adding a message does not change the meaning of the others, so
+//!   the protocol version stays; an older agent answers the unknown tag with an `Error` of
+//!   kind `Protocol`.
 //!
 //! # Example
 //!

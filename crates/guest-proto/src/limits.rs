@@ -28,6 +28,24 @@ pub const MAX_PATH_COMPONENT_BYTES: usize = 255;
 pub const MIN_TIMEOUT_SECS: u32 = 1;
 /// Longest exec timeout, in seconds.
 pub const MAX_TIMEOUT_SECS: u32 = 300;
+/// Fewest fresh random bytes a `Resume` must carry (256 bits, the kernel CRNG's seed size).
+pub const MIN_RESUME_ENTROPY_BYTES: usize = 32;
+/// Most random bytes a `Resume` may carry (what one `RNDADDENTROPY` is worth taking).
+pub const MAX_RESUME_ENTROPY_BYTES: usize = 256;
+
+/// Checks the length of a `Resume`'s entropy: [`MIN_RESUME_ENTROPY_BYTES`] to
+/// [`MAX_RESUME_ENTROPY_BYTES`] bytes.
+pub fn validate_resume_entropy(entropy: &[u8]) -> Result<(), String> {
+    let n = entropy.len();
+    if (MIN_RESUME_ENTROPY_BYTES..=MAX_RESUME_ENTROPY_BYTES).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "resume entropy is {n} bytes; {MIN_RESUME_ENTROPY_BYTES} to \
+             {MAX_RESUME_ENTROPY_BYTES} are required"
+        ))
+    }
+}
 
 /// Environment variable names that change how interpreters, the shell or the dynamic loader
 /// behave. Matched case-insensitively; entries ending in `*` are prefixes.

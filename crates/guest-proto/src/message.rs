@@ -145,6 +145,21 @@ pub enum HostMessage {
     Cancel,
     /// Power off cleanly; the guest answers `ShuttingDown`.
     Shutdown,
+    /// The VM was just restored from a memory snapshot (or forked): every clone resumes
+    /// with the same kernel CRNG state, wall clock and interpreter RNG states. The guest
+    /// sets `CLOCK_REALTIME` to `unix_time_ns`, credits `entropy` to the kernel pool
+    /// (`RNDADDENTROPY`), reseeds the CRNG (`RNDRESEEDCRNG`) and makes every live REPL
+    /// reseed its generators before any more user code runs in it. Answered by
+    /// `Resumed` once the kernel part is done, or `Error`.
+    Resume {
+        /// The host's wall clock, in nanoseconds since the Unix epoch.
+        unix_time_ns: u64,
+        /// Fresh bytes from the host's OS RNG:
+        /// [`MIN_RESUME_ENTROPY_BYTES`](crate::limits::MIN_RESUME_ENTROPY_BYTES) to
+        /// [`MAX_RESUME_ENTROPY_BYTES`](crate::limits::MAX_RESUME_ENTROPY_BYTES) of them
+        /// (other lengths are refused by the encoder and the decoder).
+        entropy: Bytes,
+    },
 }
 
 /// Kinds of error the guest reports.
@@ -272,6 +287,16 @@ pub enum GuestMessage {
     },
     /// The guest is powering off.
     ShuttingDown,
+    /// Answer to `Resume`: the clock is set and the kernel CRNG reseeded with the host's
+    /// bytes.
+    Resumed {
+        /// Live REPLs that reseeded their generators before answering (Python `random`
+        /// and numpy, Node's `Math.random` and `crypto`, bash `$RANDOM`). A REPL that could
+        /// not be reached in time is replaced before its next exec instead, and not counted.
+        reseeded: u32,
+        /// Successful kernel CRNG reseeds so far, this one included (as in `Pong`).
+        crng_reseeds: u64,
+    },
 }
 
 impl HostMessage {
@@ -289,6 +314,7 @@ impl HostMessage {
             Self::InstallPackages { .. } => "InstallPackages",
             Self::Cancel => "Cancel",
             Self::Shutdown => "Shutdown",
+            Self::Resume { .. } => "Resume",
         }
     }
 }
@@ -309,6 +335,7 @@ impl GuestMessage {
             Self::PackagesInstalled { .. } => "PackagesInstalled",
             Self::Error { .. } => "Error",
             Self::ShuttingDown => "ShuttingDown",
+            Self::Resumed { .. } => "Resumed",
         }
     }
 

@@ -28,6 +28,8 @@ pub mod host {
     pub const CANCEL: u8 = 10;
     /// `Shutdown` (empty payload).
     pub const SHUTDOWN: u8 = 11;
+    /// `Resume` (JSON).
+    pub const RESUME: u8 = 12;
 }
 
 /// Tags of [`GuestMessage`](crate::GuestMessage) (guest → host).
@@ -56,4 +58,6 @@ pub mod guest {
     pub const ERROR: u8 = 11;
     /// `ShuttingDown` (empty payload).
     pub const SHUTTING_DOWN: u8 = 12;
+    /// `Resumed` (JSON).
+    pub const RESUMED: u8 = 13;
 }

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::limits::validate_resume_entropy;
 use crate::message::{DirEntry, GuestErrorKind, GuestMessage, HostMessage};
 use crate::tags::{guest, host};
 use crate::{Language, ProtoError};
@@ -45,6 +46,48 @@ mod hex32 {
         crate::digest::parse_hex32(&text)
             .ok_or_else(|| serde::de::Error::custom("expected 64 hex digits"))
     }
+}
+
+/// Lowercase hex of `bytes`.
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    out
+}
+
+/// Bytes from hex digits (either case); `None` for an odd length or a non-hex digit.
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    let digits = text.as_bytes();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks_exact(2)
+        .map(|pair| {
+            let hi = char::from(pair[0]).to_digit(16)?;
+            let lo = char::from(pair[1]).to_digit(16)?;
+            u8::try_from((hi << 4) | lo).ok()
+        })
+        .collect()
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeBody<'a> {
+    unix_time_ns: u64,
+    /// Lowercase hex on the wire.
+    entropy: Cow<'a, str>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumedBody {
+    reseeded: u32,
+    crng_reseeds: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,6 +210,7 @@ impl WireMessage for HostMessage {
             Self::InstallPackages { .. } => host::INSTALL_PACKAGES,
             Self::Cancel => host::CANCEL,
             Self::Shutdown => host::SHUTDOWN,
+            Self::Resume { .. } => host::RESUME,
         }
     }
 
@@ -229,6 +273,20 @@ impl WireMessage for HostMessage {
                 },
             ),
             Self::Cancel | Self::Shutdown => Ok(()),
+            Self::Resume {
+                unix_time_ns,
+                entropy,
+            } => {
+                validate_resume_entropy(entropy).map_err(|e| malformed(tag, e))?;
+                put_json(
+                    dst,
+                    tag,
+                    &ResumeBody {
+                        unix_time_ns: *unix_time_ns,
+                        entropy: Cow::Owned(to_hex(entropy)),
+                    },
+                )
+            }
         }
     }
 
@@ -290,6 +348,16 @@ impl WireMessage for HostMessage {
                 expect_empty(tag, &payload)?;
                 Self::Shutdown
             }
+            host::RESUME => {
+                let body: ResumeBody = get_json(tag, &payload)?;
+                let entropy = from_hex(&body.entropy)
+                    .ok_or_else(|| malformed(tag, "entropy is not hex digits"))?;
+                validate_resume_entropy(&entropy).map_err(|e| malformed(tag, e))?;
+                Self::Resume {
+                    unix_time_ns: body.unix_time_ns,
+                    entropy: Bytes::from(entropy),
+                }
+            }
             other => return Err(ProtoError::UnknownType(other)),
         })
     }
@@ -318,6 +386,7 @@ impl WireMessage for GuestMessage {
             Self::PackagesInstalled { .. } => guest::PACKAGES_INSTALLED,
             Self::Error { .. } => guest::ERROR,
             Self::ShuttingDown => guest::SHUTTING_DOWN,
+            Self::Resumed { .. } => guest::RESUMED,
         }
     }
 
@@ -396,6 +465,17 @@ impl WireMessage for GuestMessage {
                 },
             ),
             Self::ShuttingDown => Ok(()),
+            Self::Resumed {
+                reseeded,
+                crng_reseeds,
+            } => put_json(
+                dst,
+                tag,
+                &ResumedBody {
+                    reseeded: *reseeded,
+                    crng_reseeds: *crng_reseeds,
+                },
+            ),
         }
     }
 
@@ -464,6 +544,13 @@ impl WireMessage for GuestMessage {
             guest::SHUTTING_DOWN => {
                 expect_empty(tag, &payload)?;
                 Self::ShuttingDown
+            }
+            guest::RESUMED => {
+                let body: ResumedBody = get_json(tag, &payload)?;
+                Self::Resumed {
+                    reseeded: body.reseeded,
+                    crng_reseeds: body.crng_reseeds,
+                }
             }
             other => return Err(ProtoError::UnknownType(other)),
         })

@@ -135,7 +135,7 @@ fn fuzz_input() -> impl Strategy<Value = Vec<u8>> {
         // A valid header with an arbitrary payload for every tag.
         (any::<u8>(), vec(any::<u8>(), 0..64)).prop_map(|(tag, payload)| raw(
             PROTOCOL_VERSION,
-            tag % 14,
+            tag % 15,
             1,
             &payload
         )
@@ -364,7 +364,7 @@ fn too_short_length_prefix() {
 
 #[test]
 fn unknown_tag_is_typed_and_the_stream_goes_on() {
-    for tag in [0u8, 12, 13, 200, 255] {
+    for tag in [0u8, 13, 14, 200, 255] {
         let mut buf = raw(PROTOCOL_VERSION, tag, 7, b"{}");
         encode_frame(&Frame::new(OpId(8), HostMessage::Cancel), &mut buf).unwrap();
         assert!(matches!(
@@ -376,11 +376,11 @@ fn unknown_tag_is_typed_and_the_stream_goes_on() {
             .unwrap();
         assert_eq!(next, Frame::new(OpId(8), HostMessage::Cancel));
     }
-    // Guest tags stop at 12; 13 is unknown there.
-    let mut buf = raw(PROTOCOL_VERSION, 13, 1, b"");
+    // Guest tags stop at 13; 14 is unknown there.
+    let mut buf = raw(PROTOCOL_VERSION, 14, 1, b"");
     assert!(matches!(
         decode_frame::<GuestMessage>(&mut buf, MAX_FRAME_BYTES),
-        Err(ProtoError::UnknownType(13))
+        Err(ProtoError::UnknownType(14))
     ));
     let mut reader = &raw(PROTOCOL_VERSION, 99, 1, b"")[..];
     assert!(matches!(
@@ -486,6 +486,8 @@ fn bad_payloads_are_malformed() {
             br#"{"entries":[{"name":"a","is_dir":false}]}"#,
         ),
         (guest::SHUTTING_DOWN, b"x"),
+        (guest::RESUMED, br#"{"reseeded":1}"#),
+        (guest::RESUMED, br#"{"reseeded":-1,"crng_reseeds":1}"#),
     ];
     for (tag, payload) in guest_cases {
         let mut buf = raw(PROTOCOL_VERSION, *tag, 1, payload);
@@ -786,4 +788,153 @@ fn reserve_frame_makes_room_for_the_announced_frame_only() {
         Err(ProtoError::FrameTooLarge { .. })
     ));
     assert_eq!(huge.capacity(), 8);
+}
+
+fn resume_payload(entropy_hex: &str) -> Vec<u8> {
+    format!(r#"{{"unix_time_ns":1,"entropy":"{entropy_hex}"}}"#).into_bytes()
+}
+
+#[test]
+fn resume_entropy_length_and_digits_are_checked() {
+    use guest_proto::limits::{MAX_RESUME_ENTROPY_BYTES, MIN_RESUME_ENTROPY_BYTES};
+    use guest_proto::tags::host;
+    let ok = |n: usize| "ab".repeat(n);
+    let bad: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), resume_payload("")),
+        (
+            "31 bytes".into(),
+            resume_payload(&ok(MIN_RESUME_ENTROPY_BYTES - 1)),
+        ),
+        (
+            "257 bytes".into(),
+            resume_payload(&ok(MAX_RESUME_ENTROPY_BYTES + 1)),
+        ),
+        ("odd digits".into(), resume_payload(&format!("{}a", ok(32)))),
+        ("non-hex".into(), resume_payload(&format!("{}zz", ok(32)))),
+        ("sign".into(), resume_payload(&format!("{}+1", ok(32)))),
+        ("non-ascii".into(), resume_payload(&format!("{}é", ok(32)))),
+        (
+            "negative time".into(),
+            format!(r#"{{"unix_time_ns":-1,"entropy":"{}"}}"#, ok(32)).into_bytes(),
+        ),
+        (
+            "missing time".into(),
+            format!(r#"{{"entropy":"{}"}}"#, ok(32)).into_bytes(),
+        ),
+        (
+            "entropy as array".into(),
+            br#"{"unix_time_ns":1,"entropy":[1,2,3]}"#.to_vec(),
+        ),
+        (
+            "extra field".into(),
+            format!(r#"{{"unix_time_ns":1,"entropy":"{}","x":0}}"#, ok(32)).into_bytes(),
+        ),
+    ];
+    for (what, payload) in &bad {
+        let mut buf = raw(PROTOCOL_VERSION, host::RESUME, 7, payload);
+        assert!(
+            matches!(
+                decode_frame::<HostMessage>(&mut buf, MAX_FRAME_BYTES),
+                Err(ProtoError::Malformed { tag, .. }) if tag == host::RESUME
+            ),
+            "{what}: should be refused"
+        );
+        // The bad frame is consumed; its op id stays available for the answer.
+        assert!(buf.is_empty());
+        let mut buf = raw(PROTOCOL_VERSION, host::RESUME, 7, payload);
+        let raw_frame = decode_raw_frame(&mut buf, MAX_FRAME_BYTES)
+            .unwrap()
+            .unwrap();
+        assert_eq!(raw_frame.op_id, OpId(7));
+    }
+    for n in [MIN_RESUME_ENTROPY_BYTES, MAX_RESUME_ENTROPY_BYTES] {
+        // Upper-case digits are accepted too.
+        let mut buf = raw(
+            PROTOCOL_VERSION,
+            host::RESUME,
+            1,
+            &resume_payload(&"AB".repeat(n)),
+        );
+        let got = decode_frame::<HostMessage>(&mut buf, MAX_FRAME_BYTES)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got.msg,
+            HostMessage::Resume {
+                unix_time_ns: 1,
+                entropy: Bytes::from(vec![0xab; n]),
+            }
+        );
+    }
+}
+
+#[test]
+fn resume_encoder_refuses_bad_entropy_and_writes_hex() {
+    for n in [0, 31, 257] {
+        let mut buf = BytesMut::new();
+        let frame = Frame::new(
+            OpId(1),
+            HostMessage::Resume {
+                unix_time_ns: 0,
+                entropy: Bytes::from(vec![1; n]),
+            },
+        );
+        assert!(
+            matches!(
+                encode_frame(&frame, &mut buf),
+                Err(ProtoError::Malformed { .. })
+            ),
+            "{n} bytes of entropy should be refused"
+        );
+    }
+    let mut entropy = vec![0u8; 32];
+    entropy[0] = 0x0f;
+    entropy[31] = 0xf0;
+    let mut buf = BytesMut::new();
+    encode_frame(
+        &Frame::new(
+            OpId(3),
+            HostMessage::Resume {
+                unix_time_ns: 1_700_000_000_000_000_001,
+                entropy: Bytes::from(entropy),
+            },
+        ),
+        &mut buf,
+    )
+    .unwrap();
+    assert_eq!(buf[5], guest_proto::tags::host::RESUME);
+    let want = format!(
+        r#"{{"unix_time_ns":1700000000000000001,"entropy":"0f{}f0"}}"#,
+        "00".repeat(30)
+    );
+    assert_eq!(&buf[14..], want.as_bytes());
+
+    let mut buf = BytesMut::new();
+    encode_frame(
+        &Frame::new(
+            OpId(3),
+            GuestMessage::Resumed {
+                reseeded: 2,
+                crng_reseeds: 9,
+            },
+        ),
+        &mut buf,
+    )
+    .unwrap();
+    assert_eq!(&buf[14..], br#"{"reseeded":2,"crng_reseeds":9}"#);
+    assert!(
+        GuestMessage::Resumed {
+            reseeded: 0,
+            crng_reseeds: 0
+        }
+        .is_terminal()
+    );
+    assert_eq!(
+        HostMessage::Resume {
+            unix_time_ns: 0,
+            entropy: Bytes::new()
+        }
+        .name(),
+        "Resume"
+    );
 }

@@ -225,6 +225,10 @@ fn every_variant_is_covered_with_distinct_tags() {
         },
         H::Cancel,
         H::Shutdown,
+        H::Resume {
+            unix_time_ns: 1_700_000_000_123_456_789,
+            entropy: bytes::Bytes::from(vec![0xa5; 32]),
+        },
     ];
     let guest = [
         G::Pong {
@@ -268,13 +272,17 @@ fn every_variant_is_covered_with_distinct_tags() {
             message: "no".into(),
         },
         G::ShuttingDown,
+        G::Resumed {
+            reseeded: 3,
+            crng_reseeds: 7,
+        },
     ];
     let mut tags: Vec<u8> = host.iter().map(WireMessage::tag).collect();
     tags.dedup();
-    assert_eq!(tags, (1..=11).collect::<Vec<u8>>());
+    assert_eq!(tags, (1..=12).collect::<Vec<u8>>());
     let mut tags: Vec<u8> = guest.iter().map(WireMessage::tag).collect();
     tags.dedup();
-    assert_eq!(tags, (1..=12).collect::<Vec<u8>>());
+    assert_eq!(tags, (1..=13).collect::<Vec<u8>>());
     for (i, msg) in host.into_iter().enumerate() {
         check_single(&Frame::new(OpId(i as u64 + 1), msg));
     }

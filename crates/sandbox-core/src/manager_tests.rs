@@ -644,3 +644,32 @@ async fn cancellation_between_overlay_and_limits_releases_the_overlay() {
         .unwrap_or(0);
     assert_eq!(left, 0, "work dir removed");
 }
+
+#[tokio::test]
+async fn resume_sends_the_host_clock_and_fresh_entropy() {
+    let h = harness(vec![], vec![], false, false, 2);
+    let vm = h
+        .manager
+        .create_vm(VmOptions::new(Language::Python))
+        .await
+        .unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let first = vm.resume().await.unwrap();
+    let second = vm.resume().await.unwrap();
+    assert_eq!((first.crng_reseeds, second.crng_reseeds), (1, 2));
+    assert_eq!(vm.state(), VmState::Ready);
+    let resumes = h.channel.last_agent().unwrap().resumes();
+    assert_eq!(resumes.len(), 2);
+    for (time, entropy) in &resumes {
+        assert!(*time >= before && *time - before < 5_000_000_000);
+        assert_eq!(entropy.len(), crate::ops::RESUME_ENTROPY_BYTES);
+    }
+    assert_ne!(
+        resumes[0].1, resumes[1].1,
+        "entropy must be fresh each time"
+    );
+    vm.destroy().await;
+}

@@ -487,3 +487,90 @@ impl Vm {
         }
     }
 }
+
+/// What the agent reported after [`Vm::resume`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeInfo {
+    /// Live REPLs that reseeded their generators before the agent answered.
+    pub reseeded: u32,
+    /// Kernel CRNG reseeds so far in the guest (this one included).
+    pub crng_reseeds: u64,
+    /// Host-measured round trip, in milliseconds.
+    pub round_trip_ms: u64,
+}
+
+/// How long the guest may take to answer `Resume` (REPL reseeds included; a node REPL
+/// restart under TCG takes seconds).
+pub const RESUME_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Fresh random bytes sent with `Resume`.
+pub const RESUME_ENTROPY_BYTES: usize = 64;
+
+/// `n` bytes from the host kernel's CSPRNG.
+fn host_entropy(n: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+impl Vm {
+    /// Right after a restore from a memory snapshot, before anything else: gives the guest
+    /// the host's wall clock and [`RESUME_ENTROPY_BYTES`] fresh bytes from the host's
+    /// kernel RNG. The agent sets its clock, credits the bytes to its kernel pool, reseeds
+    /// the CRNG and has every REPL reseed its generators, so clones of one snapshot
+    /// diverge. Every failure is transient: no user code has run in the clone.
+    pub async fn resume(&self) -> Result<ResumeInfo> {
+        const OP: &str = "resume";
+        let transient = |message: String| {
+            Error::transient(TransientCause::Infrastructure, message)
+                .with_vm(self.id())
+                .with_operation(OP.to_owned())
+        };
+        let entropy = host_entropy(RESUME_ENTROPY_BYTES)
+            .map_err(|e| transient(format!("cannot read the host's /dev/urandom: {e}")))?;
+        let unix_time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok())
+            .ok_or_else(|| transient("the host clock is outside 1970..2554".to_owned()))?;
+        let _busy = Busy::enter(self)?;
+        let started = Instant::now();
+        let request = HostMessage::Resume {
+            unix_time_ns,
+            entropy: Bytes::from(entropy),
+        };
+        let answer = tokio::time::timeout(RESUME_DEADLINE, async {
+            let mut stream = dispatch(self, OP, request).await?;
+            Ok::<_, Error>(stream.recv().await)
+        })
+        .await
+        .map_err(|_| {
+            transient(format!(
+                "the guest did not answer resume within {} s",
+                RESUME_DEADLINE.as_secs()
+            ))
+        })?
+        .map_err(|e| transient(format!("could not send resume: {}", e.message())))?;
+        match answer {
+            Some(GuestMessage::Resumed {
+                reseeded,
+                crng_reseeds,
+            }) => Ok(ResumeInfo {
+                reseeded,
+                crng_reseeds,
+                round_trip_ms: millis(started.elapsed()),
+            }),
+            Some(GuestMessage::Error { kind, message }) => Err(transient(format!(
+                "the guest refused resume: {kind}: {message}"
+            ))),
+            Some(other) => Err(transient(format!(
+                "unexpected {} reply to resume",
+                other.name()
+            ))),
+            None => Err(transient(
+                "lost the connection to the guest during resume".to_owned(),
+            )),
+        }
+    }
+}

@@ -212,6 +212,7 @@ struct AgentState {
     streams: HashMap<OpId, mpsc::Sender<GuestMessage>>,
     vars: HashMap<String, String>,
     execs: Vec<String>,
+    resumes: Vec<(u64, Bytes)>,
 }
 
 /// An in-process guest agent.
@@ -322,6 +323,12 @@ impl FakeAgent {
                             .await;
                     }
                 }
+            }
+            HostMessage::Resume {
+                unix_time_ns,
+                entropy,
+            } => {
+                let _ = tx.send(self.resume(unix_time_ns, entropy)).await;
             }
             HostMessage::ListDir { .. } => {
                 let mut entries: Vec<DirEntry> = self
@@ -1072,5 +1079,38 @@ impl crate::snapshot::SnapshotStore for FakeSnapshotStore {
         let n = inner.published.len();
         inner.published.clear();
         Ok(n)
+    }
+}
+
+impl FakeAgent {
+    /// `Resume` messages received so far: (unix_time_ns, entropy).
+    pub fn resumes(&self) -> Vec<(u64, Bytes)> {
+        self.state
+            .lock()
+            .map(|s| s.resumes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Answers `Resume` like the agent: the entropy length is checked; `reseeded` is 0 (the
+    /// fake has no REPLs), `crng_reseeds` counts the resumes.
+    fn resume(&self, unix_time_ns: u64, entropy: Bytes) -> GuestMessage {
+        if let Err(message) = guest_proto::limits::validate_resume_entropy(&entropy) {
+            return GuestMessage::Error {
+                kind: GuestErrorKind::Request,
+                message,
+            };
+        }
+        let count = self
+            .state
+            .lock()
+            .map(|mut s| {
+                s.resumes.push((unix_time_ns, entropy));
+                s.resumes.len()
+            })
+            .unwrap_or_default();
+        GuestMessage::Resumed {
+            reseeded: 0,
+            crng_reseeds: count as u64,
+        }
     }
 }

@@ -45,6 +45,163 @@
   const opts = { filename: '<exec>' };
   if (dyn) opts.importModuleDynamically = dyn;
 
+  // After a snapshot restore every clone holds the same V8 Math.random state, the same
+  // OpenSSL DRBG state and the same randomUUID cache. Reseeding: Math.random and the
+  // JavaScript crypto functions draw from /dev/urandom (the kernel CRNG, reseeded by the
+  // agent with host entropy) from then on. OpenSSL itself cannot be reseeded from
+  // JavaScript (crypto.setEngine cannot replace a RAND method already in use), so native
+  // users (TLS, key generation) stay cloned; the agent restarts node instead unless told
+  // otherwise.
+  const urandom = { fd: -1, pool: Buffer.alloc(4096), pos: 4096 };
+  function urandomFill(buf, offset, size) {
+    if (urandom.fd < 0) urandom.fd = fs.openSync('/dev/urandom', 'r');
+    let done = 0;
+    while (done < size) {
+      const n = fs.readSync(urandom.fd, buf, offset + done, size - done, null);
+      if (n <= 0) throw new Error('short read from /dev/urandom');
+      done += n;
+    }
+  }
+  function poolBytes(n) {
+    if (urandom.pos + n > urandom.pool.length) {
+      urandomFill(urandom.pool, 0, urandom.pool.length);
+      urandom.pos = 0;
+    }
+    const at = urandom.pos;
+    urandom.pos += n;
+    return at;
+  }
+  function random() {
+    const at = poolBytes(8);
+    const hi = urandom.pool.readUInt32LE(at) >>> 5; // 27 bits
+    const lo = urandom.pool.readUInt32LE(at + 4) >>> 6; // 26 bits
+    return (hi * 67108864 + lo) / 9007199254740992;
+  }
+  let patched = false;
+  function patchCrypto() {
+    const crypto = require('crypto');
+    const { types } = require('util');
+    const viewOf = (buf) => {
+      if (ArrayBuffer.isView(buf)) return Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
+      if (types.isAnyArrayBuffer(buf)) return Buffer.from(buf);
+      throw new TypeError('The "buf" argument must be an ArrayBuffer or ArrayBufferView');
+    };
+    const origFillSync = crypto.randomFillSync;
+    const origFill = crypto.randomFill;
+    const origInt = crypto.randomInt;
+    const origUUID = crypto.randomUUID;
+    // Validate arguments with Node's own function on a throwaway buffer, then fill from
+    // the kernel.
+    crypto.randomFillSync = function randomFillSync(buf, offset, size) {
+      const view = viewOf(buf);
+      const off = offset === undefined ? 0 : offset;
+      const len = size === undefined ? view.length - off : size;
+      origFillSync(Buffer.alloc(view.length), off, len);
+      urandomFill(view, off, len);
+      return buf;
+    };
+    crypto.randomBytes = function randomBytes(size, cb) {
+      const out = Buffer.alloc(size);
+      if (typeof cb === 'function') {
+        let err = null;
+        try {
+          urandomFill(out, 0, size);
+        } catch (e) {
+          err = e;
+        }
+        process.nextTick(cb, err, err ? undefined : out);
+        return undefined;
+      }
+      urandomFill(out, 0, size);
+      return out;
+    };
+    crypto.randomFill = function randomFill(buf, offset, size, cb) {
+      const args = [buf, offset, size, cb];
+      const callback = args.reverse().find((a) => typeof a === 'function');
+      if (typeof callback !== 'function') return origFill(buf, offset, size, cb);
+      const o = typeof offset === 'function' ? undefined : offset;
+      const s = typeof size === 'function' ? undefined : size;
+      let err = null;
+      try {
+        crypto.randomFillSync(buf, o, s);
+      } catch (e) {
+        err = e;
+      }
+      process.nextTick(callback, err, err ? undefined : buf);
+      return undefined;
+    };
+    crypto.randomUUID = function randomUUID(options) {
+      if (options !== undefined) origUUID(options);
+      const b = Buffer.alloc(16);
+      urandomFill(b, 0, 16);
+      b[6] = (b[6] & 0x0f) | 0x40;
+      b[8] = (b[8] & 0x3f) | 0x80;
+      const h = b.toString('hex');
+      return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+    };
+    crypto.randomInt = function randomInt(min, max, cb) {
+      if (typeof max === 'undefined' || typeof max === 'function') {
+        cb = max;
+        max = min;
+        min = 0;
+      }
+      origInt(min, max); // argument checks (throws like Node does)
+      const range = max - min;
+      const RAND_MAX = 0xffffffffffff;
+      const limit = RAND_MAX - (RAND_MAX % range);
+      const b = Buffer.alloc(6);
+      let n;
+      do {
+        urandomFill(b, 0, 6);
+        n = b.readUIntBE(0, 6);
+      } while (n >= limit);
+      const r = min + (n % range);
+      if (typeof cb === 'function') {
+        process.nextTick(cb, undefined, r);
+        return undefined;
+      }
+      return r;
+    };
+    const webs = new Set([crypto.webcrypto, globalThis.crypto].filter((w) => w && typeof w === 'object'));
+    for (const w of webs) {
+      const origGRV = w.getRandomValues && w.getRandomValues.bind(w);
+      if (origGRV) {
+        Object.defineProperty(w, 'getRandomValues', {
+          configurable: true,
+          writable: true,
+          value: function getRandomValues(array) {
+            origGRV(new array.constructor(0));
+            if (array.byteLength > 65536) origGRV(array);
+            urandomFill(Buffer.from(array.buffer, array.byteOffset, array.byteLength), 0, array.byteLength);
+            return array;
+          },
+        });
+      }
+      if (typeof w.randomUUID === 'function') {
+        Object.defineProperty(w, 'randomUUID', {
+          configurable: true,
+          writable: true,
+          value: function randomUUID() {
+            return crypto.randomUUID();
+          },
+        });
+      }
+    }
+    try {
+      require('module').syncBuiltinESMExports();
+    } catch (e) {
+      // ESM imports of node:crypto keep the originals.
+    }
+  }
+  function reseed() {
+    urandom.pos = urandom.pool.length; // never serve bytes read before this resume
+    if (!patched) {
+      Object.defineProperty(Math, 'random', { configurable: true, writable: true, value: random });
+      patchCrypto();
+      patched = true;
+    }
+  }
+
   let current = null;
   const report = (e) => {
     try {
@@ -139,6 +296,16 @@
   (async () => {
     for (;;) {
       const req = await readRequest();
+      if (req.reseed) {
+        let status = 0;
+        try {
+          reseed();
+        } catch (e) {
+          status = 1;
+        }
+        fs.writeSync(st, `${req.id} ${status}\n`);
+        continue;
+      }
       await runOne(req);
     }
   })().catch((e) => {

@@ -150,6 +150,24 @@ def _sbx_repl():
             pass
         return 1
 
+    def reseed():
+        # After a snapshot restore every clone holds the same generator states: reseed
+        # them from the kernel CRNG, which the agent has just reseeded with host entropy.
+        r = sys.modules.get("random")
+        if r is not None:
+            r.seed()  # 2496 bytes from os.urandom
+        npr = sys.modules.get("numpy.random")
+        if npr is not None:
+            try:
+                import numpy
+
+                npr.seed(numpy.frombuffer(os.urandom(32), dtype=numpy.uint32))
+            except Exception:
+                pass
+        tf = sys.modules.get("tempfile")
+        if tf is not None:
+            tf._name_sequence = None
+
     def flush():
         for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
             try:
@@ -159,6 +177,17 @@ def _sbx_repl():
 
     while True:
         req = read_request()
+        if req.get("reseed"):
+            status = 0
+            try:
+                reseed()
+            except BaseException:
+                status = 1
+            try:
+                os.write(4, ("%s %d\n" % (req["id"], status)).encode())
+            except OSError:
+                os._exit(status)
+            continue
         saved = []
         for k, v in req.get("env") or []:
             saved.append((k, os.environ.get(k), v))

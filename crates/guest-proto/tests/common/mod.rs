@@ -98,7 +98,33 @@ pub fn host_message() -> impl Strategy<Value = HostMessage> {
         ),
         Just(HostMessage::Cancel),
         Just(HostMessage::Shutdown),
+        (any::<u64>(), resume_entropy()).prop_map(|(unix_time_ns, entropy)| {
+            HostMessage::Resume {
+                unix_time_ns,
+                entropy,
+            }
+        }),
     ]
+}
+
+/// Entropy of every valid `Resume` length, the bounds included.
+pub fn resume_entropy() -> impl Strategy<Value = Bytes> {
+    use guest_proto::limits::{MAX_RESUME_ENTROPY_BYTES, MIN_RESUME_ENTROPY_BYTES};
+    prop_oneof![
+        vec(
+            any::<u8>(),
+            MIN_RESUME_ENTROPY_BYTES..=MAX_RESUME_ENTROPY_BYTES
+        ),
+        vec(
+            any::<u8>(),
+            MIN_RESUME_ENTROPY_BYTES..=MIN_RESUME_ENTROPY_BYTES
+        ),
+        vec(
+            any::<u8>(),
+            MAX_RESUME_ENTROPY_BYTES..=MAX_RESUME_ENTROPY_BYTES
+        ),
+    ]
+    .prop_map(Bytes::from)
 }
 
 pub fn dir_entry() -> impl Strategy<Value = DirEntry> {
@@ -148,6 +174,12 @@ pub fn guest_message() -> impl Strategy<Value = GuestMessage> {
         text().prop_map(|output| GuestMessage::PackagesInstalled { output }),
         (error_kind(), text()).prop_map(|(kind, message)| GuestMessage::Error { kind, message }),
         Just(GuestMessage::ShuttingDown),
+        (any::<u32>(), any::<u64>()).prop_map(|(reseeded, crng_reseeds)| {
+            GuestMessage::Resumed {
+                reseeded,
+                crng_reseeds,
+            }
+        }),
     ]
 }
 
