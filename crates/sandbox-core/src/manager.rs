@@ -673,7 +673,31 @@ impl VmManager {
             },
             None => MemoryBacking::Anonymous,
         };
-        self.create_vm_as(slot, opts, started, memory).await
+        let restoring = matches!(memory, MemoryBacking::Restore { .. });
+        let vm = self
+            .create_vm_as(slot, opts.clone(), started, memory)
+            .await?;
+        if !restoring || !vm.boot_timings().restored {
+            return Ok(vm);
+        }
+        // A clone: before anything else, the guest gets the host's clock and fresh
+        // entropy, and every REPL reseeds (clones of one snapshot must diverge).
+        match vm.resume().await {
+            Ok(info) => {
+                debug!(vm_id = %vm.id(), reseeded = info.reseeded, took_ms = info.round_trip_ms, "clone resumed");
+                Ok(vm)
+            }
+            Err(e) => {
+                warn!(vm_id = %vm.id(), error = %e, "a restored VM did not resume: discarding the snapshot, booting cold");
+                vm.destroy().await;
+                self.discard_snapshot(&opts).await;
+                let slot = self
+                    .reserve_slot(opts.slot_wait.unwrap_or(self.cfg.slot_timeout))
+                    .await?;
+                self.create_vm_as(slot, opts, started, MemoryBacking::Anonymous)
+                    .await
+            }
+        }
     }
 
     /// Creates a VM in `slot` whose RAM is `memory`. A failed restore falls back to a cold

@@ -701,3 +701,133 @@ async fn networking_without_a_proxy_is_a_configuration_error_before_any_vm_work(
     assert_eq!(h.sched.manager().free_slots(), 16);
     h.sched.stop().await;
 }
+
+fn h_snap() -> (H, crate::testing::FakeSnapshotStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, counters, channel, store) =
+        crate::testing::fake_manager_with_snapshots(dir.path(), |_| {});
+    let sched = Scheduler::new(SchedulerConfig::default(), manager).unwrap();
+    sched.start().unwrap();
+    (
+        H {
+            _dir: dir,
+            sched,
+            counters,
+            channel,
+        },
+        store,
+    )
+}
+
+fn launched_memory(h: &H) -> Vec<crate::ports::MemoryBacking> {
+    h.counters.launched_memory.lock().unwrap().clone()
+}
+
+#[tokio::test]
+async fn a_cold_boot_creates_the_snapshot_and_later_runs_restore_and_resume() {
+    use crate::ports::MemoryBacking;
+    use crate::result::VmStart;
+    let (h, store) = h_snap();
+    let r = h
+        .sched
+        .run(
+            RunRequest::new(Language::Python, "x"),
+            RunOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.vm_start, VmStart::Cold);
+    assert!(h.sched.wait_background(Duration::from_secs(5)).await);
+    // The background creation booted a saveable VM, saved it and published it once.
+    let mem = launched_memory(&h);
+    assert_eq!(mem.len(), 2, "{mem:?}");
+    assert!(matches!(&mem[1], MemoryBacking::SharedFile { path } if path.ends_with("ram")));
+    let counts = store.counts();
+    assert_eq!((counts.drafts, counts.published), (1, 1), "{counts:?}");
+
+    for _ in 0..2 {
+        let r = h
+            .sched
+            .run(
+                RunRequest::new(Language::Python, "x"),
+                RunOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.vm_start, VmStart::Snapshot);
+        assert!(matches!(
+            launched_memory(&h).last(),
+            Some(MemoryBacking::Restore { ram, state }) if ram.ends_with("ram") && state.ends_with("state")
+        ));
+        // Resumed before anything else: clock and fresh entropy.
+        let resumes = h.channel.last_agent().unwrap().resumes();
+        assert_eq!(resumes.len(), 1);
+        assert!(resumes[0].1.len() >= 32);
+    }
+    // Another language has its own key: cold first.
+    let r = h
+        .sched
+        .run(RunRequest::new(Language::Raw, "x"), RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.vm_start, VmStart::Cold);
+    assert!(h.sched.wait_background(Duration::from_secs(5)).await);
+    assert_eq!(store.counts().published, 2);
+    h.sched.stop().await;
+    assert_clean(&h).await;
+}
+
+#[tokio::test]
+async fn a_corrupted_snapshot_is_discarded_and_the_vm_boots_cold() {
+    use crate::result::VmStart;
+    let (h, store) = h_snap();
+    let opts = crate::manager::VmOptions::new(Language::Python);
+    let key = h.sched.manager().snapshot_key(&opts).await.unwrap();
+    store.insert(key);
+    store.corrupt(&key);
+    let r = h
+        .sched
+        .run(
+            RunRequest::new(Language::Python, "x"),
+            RunOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.vm_start, VmStart::Cold);
+    assert!(matches!(
+        launched_memory(&h).first(),
+        Some(crate::ports::MemoryBacking::Anonymous)
+    ));
+    assert_eq!(store.counts().discarded, 1);
+    h.sched.stop().await;
+    assert_clean(&h).await;
+}
+
+#[tokio::test]
+async fn vms_with_network_a_boot_log_or_a_home_disk_are_never_snapshotted() {
+    let (h, store) = h_snap();
+    let m = h.sched.manager();
+    let mut opts = crate::manager::VmOptions::new(Language::Python);
+    assert!(m.snapshot_key(&opts).await.is_some());
+    opts.network = crate::ports::NetworkPolicy::Open { ports: Vec::new() };
+    assert!(m.snapshot_key(&opts).await.is_none());
+    let mut opts = crate::manager::VmOptions::new(Language::Python);
+    opts.disk_mb = Some(256);
+    assert!(m.snapshot_key(&opts).await.is_none());
+    let mut opts = crate::manager::VmOptions::new(Language::Python);
+    opts.boot_log = Some(tokio::sync::mpsc::unbounded_channel().0);
+    assert!(m.snapshot_key(&opts).await.is_none());
+    // Keys differ by language and memory.
+    let a = m
+        .snapshot_key(&crate::manager::VmOptions::new(Language::Python))
+        .await;
+    let b = m
+        .snapshot_key(&crate::manager::VmOptions::new(Language::Raw))
+        .await;
+    let mut big = crate::manager::VmOptions::new(Language::Python);
+    big.memory_mb = 512;
+    let c = m.snapshot_key(&big).await;
+    assert!(a != b && a != c && b != c);
+    assert_eq!(store.counts().lookups, 0);
+    h.sched.stop().await;
+}

@@ -111,6 +111,12 @@ impl VmProcess for FakeProcess {
                 running: self.try_exit().is_none(),
                 status: "running".into(),
             },
+            ControlCommand::Save { state } => {
+                tokio::fs::write(&state, b"fake device state")
+                    .await
+                    .map_err(|e| Error::transient(TransientCause::Infrastructure, e.to_string()))?;
+                ControlReply::Done
+            }
             _ => ControlReply::Done,
         })
     }
@@ -547,6 +553,8 @@ pub struct FakeCounters {
     pub networks_stopped: AtomicUsize,
     /// The network attachment and kernel arguments of every launched VM, in order.
     pub launched_specs: Mutex<Vec<(Option<crate::ports::NetworkAttachment>, Vec<String>)>>,
+    /// The memory backing of every launched VM, in order.
+    pub launched_memory: Mutex<Vec<crate::ports::MemoryBacking>>,
 }
 
 impl FakeCounters {
@@ -579,12 +587,30 @@ impl crate::ports::Hypervisor for FakeHypervisor {
         if let Ok(mut specs) = self.0.launched_specs.lock() {
             specs.push((spec.network.clone(), spec.kernel_args.clone()));
         }
+        if let Ok(mut memory) = self.0.launched_memory.lock() {
+            memory.push(spec.memory.clone());
+        }
+        // A saveable VM's RAM file exists once it runs, as with QEMU.
+        if let crate::ports::MemoryBacking::SharedFile { path } = &spec.memory {
+            let _ = std::fs::write(path, b"fake guest RAM");
+        }
         let n = self.0.launches.fetch_add(1, Ordering::SeqCst);
         let p = FakeProcess::new(1000 + n as u32);
         if let Ok(mut v) = self.0.processes.lock() {
             v.push(p.clone());
         }
         Ok(Box::new(p))
+    }
+
+    fn snapshot_profile(
+        &self,
+        _accelerator: crate::ports::Accelerator,
+    ) -> Option<crate::ports::SnapshotProfile> {
+        Some(crate::ports::SnapshotProfile {
+            version: "fake 1.0".into(),
+            cpu_model: "fake".into(),
+            devices: "fake devices".into(),
+        })
     }
 }
 
@@ -745,6 +771,24 @@ pub fn fake_manager_with(
     (manager, counters, channel)
 }
 
+/// [`fake_manager_with`] plus a [`FakeSnapshotStore`] rooted in `dir/snapshots`.
+pub fn fake_manager_with_snapshots(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
+) -> (
+    crate::manager::VmManager,
+    Arc<FakeCounters>,
+    FakeChannel,
+    FakeSnapshotStore,
+) {
+    let root = dir.join("snapshots");
+    let _ = std::fs::create_dir_all(&root);
+    let store = FakeSnapshotStore::with_root(root);
+    let (manager, counters, channel, _) =
+        build_fake_manager_with(dir, tune, false, Some(Arc::new(store.clone())));
+    (manager, counters, channel, store)
+}
+
 /// [`fake_manager_with`] plus a [`FakeNetwork`] proxy (returned to steer it).
 pub fn fake_manager_with_network(
     dir: &std::path::Path,
@@ -770,6 +814,20 @@ fn build_fake_manager(
     FakeChannel,
     Option<FakeNetwork>,
 ) {
+    build_fake_manager_with(dir, tune, with_network, None)
+}
+
+fn build_fake_manager_with(
+    dir: &std::path::Path,
+    tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
+    with_network: bool,
+    snapshots: Option<Arc<dyn crate::snapshot::SnapshotStore>>,
+) -> (
+    crate::manager::VmManager,
+    Arc<FakeCounters>,
+    FakeChannel,
+    Option<FakeNetwork>,
+) {
     let counters = Arc::new(FakeCounters::default());
     let assets = crate::manager::GuestAssets::in_dir(dir);
     for p in [&assets.kernel, &assets.initramfs]
@@ -788,7 +846,7 @@ fn build_fake_manager(
             .clone()
             .map(|n| Arc::new(n) as Arc<dyn crate::ports::NetworkProxy>),
         channel: Arc::new(channel.clone()),
-        snapshots: None,
+        snapshots,
     };
     let mut cfg = crate::manager::VmManagerConfig::new(
         assets,
@@ -988,6 +1046,10 @@ impl crate::snapshot::SnapshotStore for FakeSnapshotStore {
         inner.counts.drafts += 1;
         inner.next_draft += 1;
         let dir = self.root.join(format!(".draft-{key}-{}", inner.next_draft));
+        // Under a real root (a test's temp dir), the draft dir exists for files to go in.
+        if self.root.is_dir() {
+            let _ = std::fs::create_dir_all(&dir);
+        }
         let guard = FakeDraftGuard {
             inner: self.inner.clone(),
             key: *key,
