@@ -303,7 +303,31 @@ async fn boot_one(inner: &Inner, language: Language) -> std::result::Result<Pool
             return Err(Refill::Failed);
         }
     };
-    match tokio::time::timeout(inner.cfg.health_timeout * 4, vm.warm_up(language)).await {
+    // Warm-up, then one throwaway exec: under TCG the exec path's translated code is then
+    // warm before a hit (and a VM restored from a snapshot has run code once).
+    let warm = async {
+        vm.warm_up(language).await?;
+        let code = match language {
+            Language::Python => "pass",
+            Language::Javascript => "0",
+            Language::Raw => "true",
+        };
+        let r = vm
+            .exec(
+                language,
+                &crate::request::ExecRequest::new(code),
+                &crate::ops::OutputCallbacks::default(),
+            )
+            .await?;
+        if r.exit_code != 0 {
+            return Err(crate::Error::transient(
+                TransientCause::Execution,
+                format!("the warm-up exec exited with {}", r.exit_code),
+            ));
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(inner.cfg.health_timeout * 4, warm).await {
         Ok(Ok(())) => Ok(PooledVm { vm, permit }),
         Ok(Err(e)) => {
             warn!(%language, error = %e, "warm pool: REPL warm-up failed; VM not pooled");

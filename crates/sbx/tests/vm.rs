@@ -790,3 +790,66 @@ async fn runs_restore_from_the_l1_snapshot_of_their_kind() {
     assert_eq!(wait_no_qemu(), 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 13 §3: two clones of one snapshot do not share randomness (kernel, Python,
+/// Node, bash) and their clocks are the host's, not the snapshot's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn clones_of_one_snapshot_diverge_and_keep_the_host_clock() {
+    let dir = snapshot_dir("clones");
+    let mut cfg = config(0);
+    cfg.snapshot_dir = Some(dir.clone());
+    let sbx = Sbx::start(cfg).await.unwrap();
+    let cases = [
+        (
+            Language::Python,
+            "import os, random, time; print(os.urandom(16).hex(), random.random(), time.time())",
+        ),
+        (
+            Language::Javascript,
+            "console.log(Math.random(), require('crypto').randomUUID(), require('crypto').randomBytes(8).toString('hex'), Date.now() / 1000)",
+        ),
+        (
+            Language::Raw,
+            "echo $RANDOM $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n') $(date +%s.%N)",
+        ),
+    ];
+    for (lang, code) in cases {
+        let first = run(&sbx, lang, code).await;
+        assert_eq!(first.exit_code, 0, "{lang}: {first:?}");
+        assert!(
+            sbx.scheduler()
+                .wait_background(Duration::from_secs(180))
+                .await,
+            "{lang}: snapshot creation did not finish"
+        );
+        let mut outputs = Vec::new();
+        for _ in 0..2 {
+            let r = run(&sbx, lang, code).await;
+            assert_eq!(r.exit_code, 0, "{lang}: {r:?}");
+            assert_eq!(
+                r.vm_start,
+                sandbox_core::result::VmStart::Snapshot,
+                "{lang}"
+            );
+            let host_now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+            let fields: Vec<String> = r.stdout.split_whitespace().map(str::to_owned).collect();
+            let guest_now: f64 = fields.last().unwrap().parse().unwrap();
+            assert!(
+                (host_now - guest_now).abs() < 2.0,
+                "{lang}: guest clock {guest_now} vs host {host_now}"
+            );
+            outputs.push(fields[..fields.len() - 1].to_vec());
+        }
+        for (a, b) in outputs[0].iter().zip(&outputs[1]) {
+            assert_ne!(a, b, "{lang}: two clones printed the same random value");
+        }
+        eprintln!("{lang}: clones printed {outputs:?}");
+    }
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

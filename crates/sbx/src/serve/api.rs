@@ -288,6 +288,10 @@ pub struct RunResult {
     pub timing: TimingInfo,
     /// True when the VM came from the warm pool.
     pub warm_pool_hit: bool,
+    /// How the VM started: `cold` (booted), `snapshot` (restored from its L1 snapshot) or
+    /// `warm_pool`; sessions' execs say `cold`.
+    #[serde(default)]
+    pub vm_start: String,
     /// Peak memory of the VM in MiB, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_peak_mb: Option<u64>,
@@ -314,6 +318,12 @@ impl From<&ExecutionResult> for RunResult {
                 process_ms: r.timing.process_ms,
             },
             warm_pool_hit: r.warm_pool_hit,
+            vm_start: match r.vm_start {
+                sandbox_core::result::VmStart::Cold => "cold",
+                sandbox_core::result::VmStart::Snapshot => "snapshot",
+                sandbox_core::result::VmStart::WarmPool => "warm_pool",
+            }
+            .to_owned(),
             memory_peak_mb: r.memory_peak_mb,
             exposed_ports: r.exposed_ports.iter().map(PortInfo::from).collect(),
         }
@@ -541,13 +551,14 @@ mod tests {
         assert_eq!(v["exit_code"], 3);
         assert_eq!(v["timing"]["total_ms"], 0);
         assert_eq!(v["warm_pool_hit"], false);
+        assert_eq!(v["vm_start"], "cold");
         assert!(v.get("memory_peak_mb").is_none());
         assert!(v.get("exposed_ports").is_none());
         let keys: Vec<&str> = v
             .as_object()
             .map(|o| o.keys().map(String::as_str).collect())
             .unwrap_or_default();
-        assert_eq!(keys.len(), 6, "{keys:?}");
+        assert_eq!(keys.len(), 7, "{keys:?}");
     }
 
     #[test]
