@@ -29,6 +29,8 @@ pub enum Section {
     Network,
     /// Concurrent runs.
     Throughput,
+    /// L1 snapshots: restore to first result and idle memory, beside cold VMs.
+    Snapshot,
 }
 
 /// How many samples to take.
@@ -91,6 +93,37 @@ fn self_rss_kib(field: &str) -> u64 {
     status_kib(std::path::Path::new("/proc/self/status"), field).unwrap_or(0)
 }
 
+/// PSS (KiB, from `smaps_rollup`) of every sbx QEMU.
+fn qemu_pss_kib() -> Vec<u64> {
+    qemu_pids()
+        .into_iter()
+        .filter_map(|pid| {
+            status_kib(
+                &std::path::Path::new("/proc")
+                    .join(pid.to_string())
+                    .join("smaps_rollup"),
+                "Pss:",
+            )
+        })
+        .collect()
+}
+
+/// Pids of every sbx QEMU.
+fn qemu_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd);
+            (cmd.starts_with("/usr/bin/qemu-system-x86_64") && cmd.contains("guest=sbx-"))
+                .then_some(pid)
+        })
+        .collect()
+}
+
 fn qemu_rss_kib() -> Vec<u64> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -150,6 +183,8 @@ pub async fn run(assets: &Assets, size: BenchSize, only: &[Section]) -> Result<V
 
     let mut cfg = sbx::SbxConfig::from_env();
     cfg.assets_dir = assets.dir.clone();
+    // Every section but `snapshot` measures cold boots.
+    cfg.snapshot_dir = None;
     cfg.warm_pool_size = 0;
     cfg.scheduler.warm_pool_size = 0;
     let sbx = sbx::Sbx::start(cfg.clone())
@@ -179,6 +214,9 @@ pub async fn run(assets: &Assets, size: BenchSize, only: &[Section]) -> Result<V
             "network".into(),
             crate::bench_net::run(&cfg, size.cold).await?,
         );
+    }
+    if want(Section::Snapshot) {
+        snapshots(&cfg, size, &mut report).await?;
     }
     if want(Section::Throughput) {
         throughput(cfg, size, &mut report).await?;
@@ -440,6 +478,107 @@ async fn warm_pool(cfg: &sbx::SbxConfig, size: BenchSize, report: &mut Report) -
         }),
     );
 
+    Ok(())
+}
+
+/// Wall time of one run of `lang`'s `print('ok')`, checking the output and how it started.
+async fn timed_run(
+    sbx: &sbx::Sbx,
+    lang: Language,
+    want: sandbox_core::result::VmStart,
+) -> Result<u64> {
+    let t = Instant::now();
+    let r = sbx
+        .scheduler()
+        .run(RunRequest::new(lang, code_for(lang)), RunOptions::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("{lang}: {e}"))?;
+    let ms = t.elapsed().as_millis() as u64;
+    anyhow::ensure!(
+        r.stdout == "ok\n",
+        "{lang}: unexpected output {:?}",
+        r.stdout
+    );
+    anyhow::ensure!(
+        r.vm_start == want,
+        "{lang}: started {:?}, not {want:?}",
+        r.vm_start
+    );
+    Ok(ms)
+}
+
+/// PSS of the one VM a session holds, after it idled for a while.
+async fn idle_session_pss_kib(sbx: &sbx::Sbx, lang: Language) -> Result<u64> {
+    let s = sbx
+        .scheduler()
+        .session(SessionRequest::new(lang), RunOptions::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    s.exec(
+        ExecRequest::new(code_for(lang)),
+        &OutputCallbacks::default(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pss = qemu_pss_kib();
+    s.close().await;
+    anyhow::ensure!(pss.len() == 1, "expected one QEMU, found {}", pss.len());
+    Ok(pss[0])
+}
+
+/// L1 snapshots: per language, restore to first result beside cold runs of the same
+/// language in this section, and the idle PSS of a restored VM beside a cold-booted one.
+async fn snapshots(cfg: &sbx::SbxConfig, size: BenchSize, report: &mut Report) -> Result<()> {
+    use sandbox_core::result::VmStart;
+    use std::os::unix::fs::PermissionsExt;
+    eprintln!("bench: snapshots");
+    let dir = cfg.work_dir.join("bench-snapshots");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let cold_sbx = sbx::Sbx::start(cfg.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut scfg = cfg.clone();
+    scfg.snapshot_dir = Some(dir.clone());
+    let snap_sbx = sbx::Sbx::start(scfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = serde_json::Map::new();
+    for lang in [Language::Raw, Language::Python, Language::Javascript] {
+        // The first run boots cold and makes the snapshot in the background.
+        timed_run(&snap_sbx, lang, VmStart::Cold).await?;
+        anyhow::ensure!(
+            snap_sbx
+                .scheduler()
+                .wait_background(Duration::from_secs(300))
+                .await,
+            "{lang}: snapshot creation did not finish"
+        );
+        let mut cold = Vec::new();
+        let mut restored = Vec::new();
+        for _ in 0..size.cold.max(3) {
+            cold.push(timed_run(&cold_sbx, lang, VmStart::Cold).await?);
+            restored.push(timed_run(&snap_sbx, lang, VmStart::Snapshot).await?);
+        }
+        let cold_pss = idle_session_pss_kib(&cold_sbx, lang).await?;
+        let restored_pss = idle_session_pss_kib(&snap_sbx, lang).await?;
+        out.insert(
+            lang.to_string(),
+            json!({
+                "restore_to_first_result_ms": stats(&restored),
+                "baseline_cold_run_ms": stats(&cold),
+                "ratio_p50": ratio(percentile(&restored, 50.0), percentile(&cold, 50.0)),
+                "idle_pss_mib": restored_pss / 1024,
+                "baseline_cold_idle_pss_mib": cold_pss / 1024,
+            }),
+        );
+    }
+    cold_sbx.stop().await;
+    snap_sbx.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    report.insert("snapshot".into(), Value::Object(out));
     Ok(())
 }
 

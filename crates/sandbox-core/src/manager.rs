@@ -373,7 +373,7 @@ struct VmInner {
     limiter: Arc<dyn ResourceLimiter>,
     exposed_ports: Vec<ExposedPort>,
     agent: AgentInfo,
-    timings: BootTimings,
+    timings: Mutex<BootTimings>,
     /// RAM file and device-state path of a VM booted to be saved.
     saveable: Option<(PathBuf, PathBuf)>,
     teardown: tokio::sync::Mutex<Option<Teardown>>,
@@ -443,8 +443,11 @@ impl Vm {
     }
 
     /// How creating this VM went.
-    pub fn boot_timings(&self) -> &BootTimings {
-        &self.inner.timings
+    pub fn boot_timings(&self) -> BootTimings {
+        match self.inner.timings.lock() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// The guest connection.
@@ -464,7 +467,7 @@ impl Vm {
 
     /// How this VM started.
     pub fn start_kind(&self) -> crate::result::VmStart {
-        if self.inner.timings.restored {
+        if self.boot_timings().restored {
             crate::result::VmStart::Snapshot
         } else {
             crate::result::VmStart::Cold
@@ -685,6 +688,11 @@ impl VmManager {
         match vm.resume().await {
             Ok(info) => {
                 debug!(vm_id = %vm.id(), reseeded = info.reseeded, took_ms = info.round_trip_ms, "clone resumed");
+                // The resume is part of starting the VM.
+                if let Ok(mut t) = vm.inner.timings.lock() {
+                    t.boot_ms += info.round_trip_ms;
+                    t.total_ms = millis(started.elapsed());
+                }
                 Ok(vm)
             }
             Err(e) => {
@@ -820,7 +828,7 @@ impl VmManager {
             limiter: self.ports.limiter.clone(),
             exposed_ports: booted.exposed_ports,
             agent: booted.agent,
-            timings,
+            timings: Mutex::new(timings),
             saveable: booted.saveable,
             teardown: tokio::sync::Mutex::new(Some(booted.teardown)),
             destroyed: AtomicBool::new(false),

@@ -54,6 +54,7 @@ struct SessionInner {
     created: SystemTime,
     idle_timeout: Duration,
     exposed_ports: Vec<ExposedPort>,
+    vm_start: crate::result::VmStart,
     wake: Arc<Notify>,
 }
 
@@ -119,6 +120,7 @@ impl Session {
             id: uuid::Uuid::new_v4(),
             language: vm.language(),
             exposed_ports: vm.exposed_ports().to_vec(),
+            vm_start: vm.start_kind(),
             vm: tokio::sync::Mutex::new(Some(vm)),
             permit: Mutex::new(permit),
             closed: AtomicBool::new(false),
@@ -145,6 +147,11 @@ impl Session {
     /// The session's id.
     pub fn id(&self) -> SessionId {
         self.inner.id
+    }
+
+    /// How the session's VM started (`Cold` or `Snapshot`).
+    pub fn vm_start(&self) -> crate::result::VmStart {
+        self.inner.vm_start
     }
 
     /// The session's language.

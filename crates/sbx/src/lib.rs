@@ -72,8 +72,8 @@ pub struct SbxConfig {
     pub boot_timeout: Option<Duration>,
     /// Boot attempts for transient failures (default 3).
     pub boot_attempts: Option<u32>,
-    /// L1 memory snapshots: where they are kept, or `None` to boot every VM cold.
-    /// `SBX_SNAPSHOTS=1` turns them on in `$SBX_SNAPSHOT_DIR`, else `~/.cache/sbx/snapshots`.
+    /// L1 memory snapshots: where they are kept, or `None` to boot every VM cold
+    /// (`SBX_SNAPSHOTS=0`). Default `$SBX_SNAPSHOT_DIR`, else `~/.cache/sbx/snapshots`.
     pub snapshot_dir: Option<PathBuf>,
 }
 
@@ -117,10 +117,9 @@ impl SbxConfig {
             network: None,
             boot_timeout: None,
             boot_attempts: None,
-            // Off until clones reseed their randomness on resume (`SBX_SNAPSHOTS=1`).
             snapshot_dir: match std::env::var("SBX_SNAPSHOTS").as_deref().map(str::trim) {
-                Ok("1" | "on" | "true" | "yes") => Some(snapshot_store::default_root()),
-                _ => None,
+                Ok("0" | "off" | "false" | "no") => None,
+                _ => Some(snapshot_store::default_root()),
             },
         }
     }
@@ -172,6 +171,8 @@ pub struct Wiring {
     pub network: bool,
     /// Who QEMU runs as, and why.
     pub qemu_user: String,
+    /// Where L1 snapshots are kept (`None`: off).
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// A started sbx instance: a scheduler over the default adapters.
@@ -266,6 +267,7 @@ impl Sbx {
             work_dir: cfg.work_dir.clone(),
             network: network.is_some(),
             qemu_user: qemu_user.describe(),
+            snapshot_dir: cfg.snapshot_dir.clone(),
         };
         Ok(Self {
             scheduler,

@@ -454,7 +454,6 @@ async fn cmd_run(args: RunArgs) -> i32 {
             return EXIT_INTERRUPTED;
         }
     };
-    sbx.stop().await;
 
     let mut status = 0;
     let mut any_timeout = false;
@@ -503,11 +502,21 @@ async fn cmd_run(args: RunArgs) -> i32 {
         println!("{text}");
     }
     let _ = std::io::stdout().flush();
+    // The first run of a kind made its L1 snapshot in the background: let it finish
+    // (bounded; Ctrl-C skips it) so the next `sbx run` restores instead of booting.
+    tokio::select! {
+        _ = sbx.scheduler().wait_background(SNAPSHOT_WAIT) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    sbx.stop().await;
     if any_timeout && status < EXIT_SANDBOX {
         return EXIT_TIMEOUT;
     }
     status
 }
+
+/// How long `sbx run` waits, after its output, for a snapshot being made.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
 where

@@ -516,7 +516,9 @@ async fn lifecycle_cycles_leave_nothing_behind() {
 
 fn sbx_bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sbx"));
-    c.env("SBX_LOG", "error").env("SBX_WORK_DIR", work_dir());
+    c.env("SBX_LOG", "error")
+        .env("SBX_WORK_DIR", work_dir())
+        .env("SBX_SNAPSHOTS", "0");
     c
 }
 
@@ -786,6 +788,31 @@ async fn runs_restore_from_the_l1_snapshot_of_their_kind() {
             );
         }
     }
+    // Sessions restore too, and work as booted ones do: state across execs, files.
+    let s = sbx
+        .scheduler()
+        .session(SessionRequest::new(Language::Python), RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.vm_start(), sandbox_core::result::VmStart::Snapshot);
+    s.write_bytes("in.txt", b"41", false).await.unwrap();
+    let cb = OutputCallbacks::default();
+    s.exec(ExecRequest::new("x = int(open('in.txt').read())"), &cb)
+        .await
+        .unwrap();
+    let r = s.exec(ExecRequest::new("print(x + 1)"), &cb).await.unwrap();
+    assert_eq!(r.stdout, "42\n");
+    assert_eq!(s.read_bytes("in.txt").await.unwrap(), b"41");
+    // A timeout in a restored session gives a fresh REPL, as in a booted one.
+    let mut t = ExecRequest::new("import time; time.sleep(30)");
+    t.timeout_secs = 1;
+    assert_eq!(s.exec(t, &cb).await.unwrap().exit_code, -1);
+    let r = s
+        .exec(ExecRequest::new("print('alive')"), &cb)
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "alive\n");
+    s.close().await;
     sbx.stop().await;
     assert_eq!(wait_no_qemu(), 0);
     let _ = std::fs::remove_dir_all(&dir);

@@ -26,6 +26,7 @@ fn sbx_cli(log: &str) -> Command {
     c.env("SBX_LOG", log)
         .env("NO_COLOR", "1")
         .env("SBX_WORK_DIR", work_dir())
+        .env("SBX_SNAPSHOTS", "0")
         .env_remove("SBX_WARM_POOL");
     c
 }
@@ -267,6 +268,39 @@ fn input_errors_exit_2_before_any_vm() {
     );
     let _ = std::fs::remove_file(&file);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// `sbx run` twice: the first boots cold and waits (after its output) for the L1 snapshot
+/// it started; the second restores from it and says so.
+#[test]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+fn a_second_sbx_run_restores_from_the_snapshot_the_first_made() {
+    use std::os::unix::fs::PermissionsExt;
+    let snaps = PathBuf::from(format!("{}-cli-snapshots", work_dir().display()));
+    let _ = std::fs::remove_dir_all(&snaps);
+    std::fs::create_dir_all(&snaps).unwrap();
+    std::fs::set_permissions(&snaps, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut starts = Vec::new();
+    for _ in 0..2 {
+        let out = sbx_cli("error")
+            .env("SBX_SNAPSHOTS", "1")
+            .env("SBX_SNAPSHOT_DIR", &snaps)
+            .args(["run", "-q", "--json", "-l", "raw", "echo ok"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["stdout"], "ok\n");
+        starts.push(v["vm_start"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(starts, ["cold", "snapshot"]);
+    assert_cleaned_up();
+    let _ = std::fs::remove_dir_all(&snaps);
 }
 
 /// `--expose INTERNAL:EXTERNAL` alone (ports-only): a one-request HTTP server in the guest

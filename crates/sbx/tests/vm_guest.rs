@@ -407,6 +407,7 @@ fn cli_disk_option_is_checked_before_any_vm_work() {
     let out = Command::new(env!("CARGO_BIN_EXE_sbx"))
         .env("SBX_LOG", "error")
         .env("SBX_WORK_DIR", work_dir())
+        .env("SBX_SNAPSHOTS", "0")
         .args(["--disk", "10", "print(1)"])
         .output()
         .unwrap();
@@ -421,6 +422,7 @@ fn cli_disk_option_is_checked_before_any_vm_work() {
     let out = Command::new(env!("CARGO_BIN_EXE_sbx"))
         .env("SBX_LOG", "error")
         .env("SBX_WORK_DIR", work_dir())
+        .env("SBX_SNAPSHOTS", "0")
         .args([
             "-q",
             "--disk",

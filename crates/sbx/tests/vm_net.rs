@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 
 fn config(network: Option<ProxyConfig>) -> SbxConfig {
     let mut cfg = SbxConfig::from_env();
+    cfg.snapshot_dir = None;
     cfg.warm_pool_size = 0;
     cfg.scheduler.warm_pool_size = 0;
     cfg.network = network;

@@ -318,12 +318,7 @@ impl From<&ExecutionResult> for RunResult {
                 process_ms: r.timing.process_ms,
             },
             warm_pool_hit: r.warm_pool_hit,
-            vm_start: match r.vm_start {
-                sandbox_core::result::VmStart::Cold => "cold",
-                sandbox_core::result::VmStart::Snapshot => "snapshot",
-                sandbox_core::result::VmStart::WarmPool => "warm_pool",
-            }
-            .to_owned(),
+            vm_start: vm_start_name(r.vm_start).to_owned(),
             memory_peak_mb: r.memory_peak_mb,
             exposed_ports: r.exposed_ports.iter().map(PortInfo::from).collect(),
         }
@@ -394,6 +389,17 @@ pub struct SessionCreated {
     pub language: ApiLanguage,
     /// Guest ports reachable on the host.
     pub exposed_ports: Vec<PortInfo>,
+    /// How the session's VM started: `cold` or `snapshot`.
+    pub vm_start: String,
+}
+
+/// The API name of how a VM started.
+pub fn vm_start_name(s: sandbox_core::result::VmStart) -> &'static str {
+    match s {
+        sandbox_core::result::VmStart::Cold => "cold",
+        sandbox_core::result::VmStart::Snapshot => "snapshot",
+        sandbox_core::result::VmStart::WarmPool => "warm_pool",
+    }
 }
 
 /// One live session, as listed by `GET /v1/sessions`.

@@ -216,6 +216,7 @@ pub async fn create_session(
         id: id.clone(),
         language: session.language().into(),
         exposed_ports: session.exposed_ports().iter().map(Into::into).collect(),
+        vm_start: super::api::vm_start_name(session.vm_start()).to_owned(),
     };
     let mut resp = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/sessions/{id}")) {

@@ -25,6 +25,8 @@ pub fn config(warm: usize) -> SbxConfig {
     let mut cfg = SbxConfig::from_env();
     cfg.work_dir = work_dir().to_path_buf();
     cfg.warm_pool_size = warm;
+    // Cold boots unless a test turns snapshots on with a dir of its own.
+    cfg.snapshot_dir = None;
     cfg.scheduler.warm_pool_size = warm;
     let assets = sandbox_core::GuestAssets::in_dir(&cfg.assets_dir);
     for lang in Language::ALL {
