@@ -243,7 +243,11 @@ pub fn snapshot_devices(
         },
         kernel_args: Vec::new(),
     };
-    let argv = QemuCommandBuilder::new(&spec, features)
+    // The TSC rate is measured at each start with a few kHz of jitter: in MHz it names the
+    // host's rate without making every process's snapshots differ.
+    let mut features = features.clone();
+    features.tsc_khz = features.tsc_khz.map(|khz| (khz + 500) / 1000 * 1000);
+    let argv = QemuCommandBuilder::new(&spec, &features)
         .options(options.clone())
         .build();
     crate::command::render_argv(std::ffi::OsStr::new("qemu"), &argv)
@@ -299,6 +303,28 @@ mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     use super::*;
+
+    #[test]
+    fn snapshot_devices_name_the_machine_not_the_measurement_noise() {
+        let mut f = QemuFeatures {
+            tsc_khz: Some(2_599_987),
+            version_line: "QEMU emulator version 10.0.2".into(),
+            ..QemuFeatures::default()
+        };
+        let o = CommandOptions::default();
+        let a = snapshot_devices(&f, &o, Accelerator::Tcg);
+        f.tsc_khz = Some(2_600_004);
+        assert_eq!(a, snapshot_devices(&f, &o, Accelerator::Tcg));
+        assert!(a.contains("tsc_early_khz=2600000"), "{a}");
+        assert!(a.contains("memory-backend-file,id=sbx.ram"), "{a}");
+        // What must match does change the profile.
+        f.tsc_khz = Some(3_000_000);
+        assert_ne!(a, snapshot_devices(&f, &o, Accelerator::Tcg));
+        let mut o2 = o.clone();
+        o2.balloon = true;
+        assert_ne!(a, snapshot_devices(&f, &o2, Accelerator::Tcg));
+        assert_ne!(a, snapshot_devices(&f, &o, Accelerator::Kvm));
+    }
 
     #[test]
     fn share_with_group_opens_the_vm_files_to_qemus_group_only() {
