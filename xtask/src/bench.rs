@@ -507,25 +507,35 @@ async fn timed_run(
     Ok(ms)
 }
 
-/// PSS of the one VM a session holds, after it idled for a while.
-async fn idle_session_pss_kib(sbx: &sbx::Sbx, lang: Language) -> Result<u64> {
-    let s = sbx
-        .scheduler()
-        .session(SessionRequest::new(lang), RunOptions::default())
+/// Mean PSS per VM of `n` idle sessions open at once (PSS splits pages that several
+/// VMs map, such as a snapshot's RAM file, between them).
+async fn idle_sessions_pss_kib(sbx: &sbx::Sbx, lang: Language, n: usize) -> Result<u64> {
+    let mut sessions = Vec::new();
+    for _ in 0..n {
+        let s = sbx
+            .scheduler()
+            .session(SessionRequest::new(lang), RunOptions::default())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        s.exec(
+            ExecRequest::new(code_for(lang)),
+            &OutputCallbacks::default(),
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    s.exec(
-        ExecRequest::new(code_for(lang)),
-        &OutputCallbacks::default(),
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+        sessions.push(s);
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pss = qemu_pss_kib();
-    s.close().await;
-    anyhow::ensure!(pss.len() == 1, "expected one QEMU, found {}", pss.len());
-    Ok(pss[0])
+    for s in sessions {
+        s.close().await;
+    }
+    anyhow::ensure!(pss.len() == n, "expected {n} QEMUs, found {}", pss.len());
+    Ok(pss.iter().sum::<u64>() / n as u64)
 }
+
+/// Idle sessions open at once for the PSS figures.
+const PSS_SESSIONS: usize = 4;
 
 /// L1 snapshots: per language, restore to first result beside cold runs of the same
 /// language in this section, and the idle PSS of a restored VM beside a cold-booted one.
@@ -563,16 +573,17 @@ async fn snapshots(cfg: &sbx::SbxConfig, size: BenchSize, report: &mut Report) -
             cold.push(timed_run(&cold_sbx, lang, VmStart::Cold).await?);
             restored.push(timed_run(&snap_sbx, lang, VmStart::Snapshot).await?);
         }
-        let cold_pss = idle_session_pss_kib(&cold_sbx, lang).await?;
-        let restored_pss = idle_session_pss_kib(&snap_sbx, lang).await?;
+        let cold_pss = idle_sessions_pss_kib(&cold_sbx, lang, PSS_SESSIONS).await?;
+        let restored_pss = idle_sessions_pss_kib(&snap_sbx, lang, PSS_SESSIONS).await?;
         out.insert(
             lang.to_string(),
             json!({
                 "restore_to_first_result_ms": stats(&restored),
                 "baseline_cold_run_ms": stats(&cold),
                 "ratio_p50": ratio(percentile(&restored, 50.0), percentile(&cold, 50.0)),
-                "idle_pss_mib": restored_pss / 1024,
-                "baseline_cold_idle_pss_mib": cold_pss / 1024,
+                "idle_pss_mib_per_vm": restored_pss / 1024,
+                "baseline_cold_idle_pss_mib_per_vm": cold_pss / 1024,
+                "idle_vms": PSS_SESSIONS,
             }),
         );
     }
