@@ -588,11 +588,54 @@ async fn snapshots(cfg: &sbx::SbxConfig, size: BenchSize, report: &mut Report) -
             }),
         );
     }
+    // Throughput at concurrency 4: raw runs restored from the snapshot beside cold ones.
+    let runs = size.throughput_runs.max(12);
+    let concurrency = 4;
+    let restored_rate = runs_per_s(&snap_sbx, runs, concurrency).await?;
+    let cold_rate = runs_per_s(&cold_sbx, runs, concurrency).await?;
+    out.insert(
+        "throughput".into(),
+        json!({
+            "runs": runs,
+            "concurrency": concurrency,
+            "restored_runs_per_s": restored_rate,
+            "baseline_cold_runs_per_s": cold_rate,
+        }),
+    );
     cold_sbx.stop().await;
     snap_sbx.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     report.insert("snapshot".into(), Value::Object(out));
     Ok(())
+}
+
+/// `runs` raw runs at `concurrency`, in runs per second (all must succeed).
+async fn runs_per_s(sbx: &sbx::Sbx, runs: usize, concurrency: usize) -> Result<f64> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..runs {
+        let sched = sbx.scheduler().clone();
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await;
+            sched
+                .run(
+                    RunRequest::new(Language::Raw, "echo ok"),
+                    RunOptions::default(),
+                )
+                .await
+                .map(|r| r.stdout == "ok\n")
+        }));
+    }
+    for task in tasks {
+        let ok = task
+            .await
+            .context("join")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(ok, "a throughput run printed something else");
+    }
+    Ok((runs as f64 / t.elapsed().as_secs_f64() * 100.0).round() / 100.0)
 }
 
 /// Throughput: N runs at concurrency C.
