@@ -140,6 +140,17 @@ impl VmManagerConfig {
     }
 }
 
+impl VmManagerConfig {
+    /// What one VM of `memory_mb` guest memory asks of the admission budget: its memory
+    /// plus the VM process's overhead (MiB), and its vCPUs.
+    pub fn admission_share(&self, memory_mb: u32) -> (f64, f64) {
+        (
+            f64::from(memory_mb) + self.vm_overhead_mb as f64,
+            f64::from(self.vcpus),
+        )
+    }
+}
+
 /// The adapters the manager drives.
 #[derive(Clone)]
 pub struct Ports {

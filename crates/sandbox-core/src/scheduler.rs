@@ -244,9 +244,7 @@ impl Scheduler {
     async fn admit(&self, memory_mb: u32) -> Result<Option<AdmissionPermit>> {
         match &self.inner.admission {
             Some(a) => {
-                let cfg = self.inner.manager.config();
-                let mem = f64::from(memory_mb) + cfg.vm_overhead_mb as f64;
-                let cpus = f64::from(cfg.vcpus);
+                let (mem, cpus) = self.inner.manager.config().admission_share(memory_mb);
                 Ok(Some(a.acquire(mem, cpus).await?))
             }
             None => Ok(None),
@@ -306,9 +304,9 @@ impl Scheduler {
             async move {
                 let _permit = match &sched.inner.admission {
                     Some(a) => {
-                        let cfg = sched.inner.manager.config();
-                        let mem = f64::from(opts.memory_mb) + cfg.vm_overhead_mb as f64;
-                        match a.try_acquire(mem, f64::from(cfg.vcpus)) {
+                        let (mem, cpus) =
+                            sched.inner.manager.config().admission_share(opts.memory_mb);
+                        match a.try_acquire(mem, cpus) {
                             Some(p) => Some(p),
                             None => return,
                         }

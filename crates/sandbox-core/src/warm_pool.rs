@@ -276,8 +276,7 @@ enum Refill {
 async fn boot_one(inner: &Inner, language: Language) -> std::result::Result<PooledVm, Refill> {
     let permit = match &inner.admission {
         Some(a) => {
-            let mem = f64::from(inner.cfg.memory_mb) + inner.manager.config().vm_overhead_mb as f64;
-            let cpus = f64::from(inner.manager.config().vcpus);
+            let (mem, cpus) = inner.manager.config().admission_share(inner.cfg.memory_mb);
             match a.try_acquire(mem, cpus) {
                 Some(p) => Some(p),
                 None => {
