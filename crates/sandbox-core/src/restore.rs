@@ -176,9 +176,8 @@ impl VmManager {
         else {
             return Ok(false);
         };
-        if store.lookup(&key).await?.is_some() {
-            return Ok(false);
-        }
+        // `None` when it is published already (the cold boot that called this looked it
+        // up) or being made.
         let Some(draft) = store.begin(&key).await? else {
             return Ok(false);
         };
