@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::error::{Error, PermanentCause, Result, TransientCause};
-use crate::manager::{Vm, VmManager, VmOptions};
-use crate::ports::{ControlCommand, MemoryBacking, NetworkPolicy};
+use crate::manager::{VmManager, VmOptions};
+use crate::ports::{MemoryBacking, NetworkPolicy};
 use crate::snapshot::{Sha256Digest, Snapshot, SnapshotKey, SnapshotKeyInputs};
 
 /// Content digests of files, each with the (size, mtime) it was taken at.
@@ -27,9 +27,6 @@ pub(crate) type DigestCache = Arc<Mutex<HashMap<PathBuf, ((u64, SystemTime), Sha
 
 /// Name of a saveable VM's RAM file in its work dir.
 pub const RAM_FILE: &str = "ram";
-
-/// How long the agent gets to notice the host hung up before the VM is paused and saved.
-const QUIET_BEFORE_SAVE: Duration = Duration::from_millis(200);
 
 /// How long a snapshot's REPL warm-up may take.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -198,7 +195,7 @@ impl VmManager {
         };
         let language = opts.language;
         let vm = self
-            .create_vm_as(
+            .build_vm(
                 slot,
                 opts,
                 started,
@@ -255,30 +252,4 @@ async fn copy_published(from: &Path, to: &Path) -> Result<()> {
         )
         .with_source(e)
     })
-}
-
-impl Vm {
-    /// Saves a VM booted with its RAM in a shared file: closes the guest connection,
-    /// pauses the VM and writes its device state. Returns the RAM and state files (in the
-    /// VM's work dir, valid until it is destroyed). The VM stays paused.
-    pub(crate) async fn save(&self) -> Result<(PathBuf, PathBuf)> {
-        let Some((ram, state)) = self.saveable_files() else {
-            return Err(Error::permanent(
-                PermanentCause::Internal,
-                "this VM was not booted to be saved",
-            )
-            .with_vm(self.id()));
-        };
-        // No guest connection may be open in a snapshot: every clone gets its own.
-        self.conn().close().await;
-        tokio::time::sleep(QUIET_BEFORE_SAVE).await;
-        self.process()
-            .control(ControlCommand::Save {
-                state: state.clone(),
-            })
-            .await
-            .map_err(|e| e.with_vm(self.id()).with_operation("save"))?;
-        debug!(vm_id = %self.id(), "VM saved");
-        Ok((ram, state))
-    }
 }

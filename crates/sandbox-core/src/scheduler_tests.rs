@@ -7,10 +7,10 @@ use std::time::Duration;
 use crate::Language;
 use crate::admission::AdmissionConfig;
 use crate::error::{ErrorKind, TransientCause};
-use crate::ops::OutputCallbacks;
 use crate::request::{ExecRequest, RunRequest, SessionRequest};
 use crate::scheduler::{RunOptions, Scheduler, SchedulerConfig};
 use crate::testing::{FakeCounters, fake_manager};
+use crate::vm::ops::OutputCallbacks;
 
 struct H {
     _dir: tempfile::TempDir,
@@ -830,4 +830,52 @@ async fn vms_with_network_a_boot_log_or_a_home_disk_are_never_snapshotted() {
     assert!(a != b && a != c && b != c);
     assert_eq!(store.counts().lookups, 0);
     h.sched.stop().await;
+}
+
+#[tokio::test]
+async fn a_clone_that_does_not_resume_boots_cold_in_the_slot_it_held() {
+    use crate::manager::VmOptions;
+    use crate::result::VmStart;
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, _counters, channel, store) =
+        crate::testing::fake_manager_with_snapshots(dir.path(), |cfg| cfg.max_vms = 1);
+    let key = manager
+        .snapshot_key(&VmOptions::new(Language::Python))
+        .await
+        .unwrap();
+    store.insert(key);
+    channel.refuse_resume.store(true, Ordering::SeqCst);
+    // Another request queues for the only slot while the clone is tried.
+    let first = tokio::spawn({
+        let m = manager.clone();
+        async move { m.create_vm(VmOptions::new(Language::Python)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = tokio::spawn({
+        let m = manager.clone();
+        async move { m.create_vm(VmOptions::new(Language::Raw)).await }
+    });
+    // The refused clone gives way to a cold boot in the same slot: the queued request
+    // does not get it in between.
+    let vm = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first request must not wait behind the second")
+        .unwrap()
+        .unwrap();
+    assert_eq!(vm.start_kind(), VmStart::Cold);
+    assert!(!second.is_finished());
+    assert!(
+        !store.is_published(&key),
+        "the snapshot that failed is removed"
+    );
+    assert_eq!(manager.free_slots(), 0);
+    vm.destroy().await;
+    let other = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.language(), Language::Raw);
+    other.destroy().await;
+    assert_eq!(manager.free_slots(), 1);
 }

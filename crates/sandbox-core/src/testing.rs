@@ -147,6 +147,8 @@ pub struct FakeChannel {
     behaviors: Arc<Mutex<Vec<ConnectBehavior>>>,
     /// Every agent handed out, in order.
     pub agents: Arc<Mutex<Vec<FakeAgent>>>,
+    /// While set, agents handed out refuse `Resume` (a clone that cannot be resumed).
+    pub refuse_resume: Arc<AtomicBool>,
 }
 
 impl FakeChannel {
@@ -155,6 +157,7 @@ impl FakeChannel {
         Self {
             behaviors: Arc::new(Mutex::new(behaviors)),
             agents: Arc::new(Mutex::new(Vec::new())),
+            refuse_resume: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -185,6 +188,9 @@ impl GuestChannel for FakeChannel {
         match behavior {
             ConnectBehavior::Ok => {
                 let agent = FakeAgent::new();
+                agent
+                    .refuse_resume
+                    .store(self.refuse_resume.load(Ordering::SeqCst), Ordering::SeqCst);
                 if let Ok(mut a) = self.agents.lock() {
                     a.push(agent.clone());
                 }
@@ -239,6 +245,7 @@ pub struct FakeAgent {
     state: Arc<Mutex<AgentState>>,
     alive: Arc<AtomicBool>,
     next_op: Arc<AtomicU64>,
+    refuse_resume: Arc<AtomicBool>,
 }
 
 impl Default for FakeAgent {
@@ -254,6 +261,7 @@ impl FakeAgent {
             state: Arc::new(Mutex::new(AgentState::default())),
             alive: Arc::new(AtomicBool::new(true)),
             next_op: Arc::new(AtomicU64::new(1)),
+            refuse_resume: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -1156,6 +1164,12 @@ impl FakeAgent {
     /// Answers `Resume` like the agent: the entropy length is checked; `reseeded` is 0 (the
     /// fake has no REPLs), `crng_reseeds` counts the resumes.
     fn resume(&self, unix_time_ns: u64, entropy: Bytes) -> GuestMessage {
+        if self.refuse_resume.load(Ordering::SeqCst) {
+            return GuestMessage::Error {
+                kind: GuestErrorKind::Io,
+                message: "fake agent: resume refused".into(),
+            };
+        }
         if let Err(message) = guest_proto::limits::validate_resume_entropy(&entropy) {
             return GuestMessage::Error {
                 kind: GuestErrorKind::Request,
