@@ -81,7 +81,9 @@ impl VmManager {
     }
 
     /// The L1 snapshot key of VMs made with `opts`, or `None` when such VMs are not
-    /// snapshotted (no store, a hypervisor that cannot, networking, a boot log).
+    /// snapshotted (no store, a hypervisor or network proxy that cannot, a boot log, a
+    /// home disk, javascript). A networked VM's key names the network's shape, never its
+    /// policy: one snapshot serves every allowlist and every port forward.
     pub async fn snapshot_key(&self, opts: &VmOptions) -> Option<SnapshotKey> {
         self.ports.snapshots.as_ref()?;
         // Not javascript: node's OpenSSL random generator lives in the node process and
@@ -89,15 +91,21 @@ impl VmManager {
         // (the agent does on resume); and a node started in a restored guest measured
         // slower than in a booted one (10.4 s against about 4 s under TCG here). A cold
         // boot is faster and shares nothing.
-        if !matches!(opts.network, NetworkPolicy::None)
-            || opts.boot_log.is_some()
+        if opts.boot_log.is_some()
             || opts.disk_mb.is_some()
             || opts.language == crate::Language::Javascript
         {
             return None;
         }
+        let network = match opts.network {
+            NetworkPolicy::None => None,
+            _ => Some(self.ports.network.as_ref()?.restorable_shape()?),
+        };
         let cfg = self.config();
-        let profile = self.ports.hypervisor.snapshot_profile(cfg.accelerator)?;
+        let profile = self
+            .ports
+            .hypervisor
+            .snapshot_profile(cfg.accelerator, network.is_some())?;
         let base = cfg.assets.images.get(&opts.language)?;
         let digests = async {
             Ok::<_, Error>((
@@ -132,6 +140,7 @@ impl VmManager {
                 vcpus: cfg.vcpus,
                 devices: profile.devices,
                 language: opts.language,
+                network,
             }
             .key(),
         )
@@ -194,6 +203,12 @@ impl VmManager {
             }
         };
         let language = opts.language;
+        // The saved VM never serves the request's policy: no host port is bound for it and
+        // nothing leaves it. Clones get their own proxy with their own policy.
+        let mut opts = opts;
+        if !matches!(opts.network, NetworkPolicy::None) {
+            opts.network = NetworkPolicy::PortsOnly { ports: Vec::new() };
+        }
         let vm = self
             .build_vm(
                 slot,
