@@ -22,7 +22,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use guest_proto::Language;
-pub use guest_proto::Sha256Digest;
+pub use guest_proto::{Sha256Digest, hash_reader};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
