@@ -54,10 +54,13 @@ pub struct AgentConfig {
     /// `Resume` sets the wall clock and feeds the kernel RNG.
     pub pid1: bool,
     /// On `Resume`, replace a live node REPL with a fresh process instead of reseeding it
-    /// in place. Node's `crypto` draws from OpenSSL's DRBG, whose state is cloned with the
-    /// snapshot and cannot be reseeded from JavaScript (TLS and key generation use it
-    /// natively); the in-place reseed covers `Math.random` and the JavaScript `crypto`
-    /// functions only. A restart costs one node start-up.
+    /// in place — unless the resume set the wall clock back past the node's start. Node's
+    /// `crypto` draws from OpenSSL's DRBG, whose state is cloned with the snapshot and
+    /// cannot be reseeded from JavaScript (TLS and key generation use it natively); the
+    /// in-place reseed covers `Math.random` and the JavaScript `crypto` functions only.
+    /// OpenSSL 3 reseeds a DRBG by itself when the clock reads earlier than its last
+    /// seeding, so the host makes snapshots with the guest clock set far ahead: restored
+    /// clones then reseed in place, and only other resumes cost a node start-up.
     pub restart_node_on_resume: bool,
 }
 

@@ -258,8 +258,8 @@ impl Engine {
     }
 
     /// Reseeds the live REPL in `slot` for `epoch` (or, for node with
-    /// [`restart_node_on_resume`](AgentConfig::restart_node_on_resume), replaces it with a
-    /// fresh, warmed-up process). True when the slot holds a reseeded, ready REPL
+    /// [`restart_node_on_resume`](AgentConfig::restart_node_on_resume) unless the resume
+    /// set the clock back past its start, replaces it with a fresh, warmed-up process). True when the slot holds a reseeded, ready REPL
     /// afterwards; on failure the REPL is killed and the slot emptied, so the next exec
     /// starts a fresh one. An empty or dead slot is left empty (false).
     async fn reseed_slot(&self, slot: &mut Option<Repl>, language: Language, epoch: u64) -> bool {
@@ -275,7 +275,10 @@ impl Engine {
         }
         let started = Instant::now();
         let deadline = started + RESEED_TIMEOUT;
-        if language == Language::Javascript && self.cfg.restart_node_on_resume {
+        if language == Language::Javascript
+            && self.cfg.restart_node_on_resume
+            && !repl.clock_went_back_past_start()
+        {
             if let Some(old) = slot.take() {
                 old.kill();
             }
@@ -398,6 +401,25 @@ impl Engine {
         let mut guard = self.repls[slot(language)].lock().await;
         let repl = guard.as_mut()?;
         repl.is_alive().then(|| repl.pid())
+    }
+
+    /// Records `at` as the wall-clock start of the live REPL for `language` (tests: the
+    /// agent outside a VM cannot move the clock back past a REPL's start). False when
+    /// there is no live REPL.
+    #[doc(hidden)]
+    pub async fn set_repl_started_wall(
+        &self,
+        language: Language,
+        at: std::time::SystemTime,
+    ) -> bool {
+        let mut guard = self.repls[slot(language)].lock().await;
+        match guard.as_mut() {
+            Some(repl) => {
+                repl.set_started_wall(at);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Kills every REPL (used before power-off).

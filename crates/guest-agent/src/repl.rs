@@ -107,6 +107,8 @@ pub struct Repl {
     sweep: Sweep,
     /// The engine's resume epoch this interpreter's generators are seeded for.
     seed_epoch: u64,
+    /// The wall clock when the interpreter was started.
+    started_wall: std::time::SystemTime,
 }
 
 fn interpreter_command(language: Language, cfg: &AgentConfig) -> Command {
@@ -285,6 +287,7 @@ impl Repl {
                 orphans: cfg.pid1 && cfg.user.is_some(),
             },
             seed_epoch: 0,
+            started_wall: std::time::SystemTime::now(),
         })
     }
 
@@ -298,6 +301,20 @@ impl Repl {
     /// the epoch current when it started; [`reseed`](Self::reseed) moves it on).
     pub fn set_seed_epoch(&mut self, epoch: u64) {
         self.seed_epoch = epoch;
+    }
+
+    /// True when the wall clock now reads earlier than when the interpreter started: a
+    /// resume moved it back past the start. OpenSSL 3 reseeds a DRBG at its next use when
+    /// the clock reads earlier than the DRBG's last (re)seed, so every DRBG this
+    /// interpreter instantiated reseeds by itself from the kernel CRNG.
+    pub fn clock_went_back_past_start(&self) -> bool {
+        std::time::SystemTime::now() < self.started_wall
+    }
+
+    /// Overrides the recorded start (tests).
+    #[doc(hidden)]
+    pub fn set_started_wall(&mut self, at: std::time::SystemTime) {
+        self.started_wall = at;
     }
 
     /// Makes the interpreter reseed its random generators from the kernel CRNG, after a

@@ -210,3 +210,27 @@ fn kernel_entropy_calls_when_permitted() {
     let b = guest_agent::hardening::kernel_random::<16>().unwrap();
     assert_ne!(a, b);
 }
+
+/// A resume that sets the clock back past the node's start (the host makes snapshots with
+/// the guest clock far ahead) reseeds in place: OpenSSL reseeds its DRBGs by itself.
+/// Host mode cannot set the clock, so the REPL's start is what moves here: the check is
+/// the same comparison.
+#[tokio::test]
+async fn node_reseeds_in_place_when_the_clock_went_back_past_its_start() {
+    let h = Harness::new();
+    h.exec(JS, "globalThis.kept = 41").await.ok();
+    let pid = h.engine.repl_pid(JS).await.unwrap();
+    assert!(
+        h.engine
+            .set_repl_started_wall(JS, SystemTime::now() + Duration::from_secs(3600))
+            .await
+    );
+    let (reseeded, _) = resume(&h).await;
+    assert_eq!(reseeded, 1);
+    assert_eq!(
+        h.engine.repl_pid(JS).await.unwrap(),
+        pid,
+        "reseeded in place"
+    );
+    assert_eq!(h.exec(JS, "console.log(kept + 1)").await.ok(), "42\n");
+}

@@ -4,17 +4,15 @@
 //! A snapshot is keyed by everything a restored VM must share with the saved one: the
 //! content of the kernel, the initramfs (which holds the agent) and the base image, the
 //! hypervisor's profile (version, CPU model, machine and device list), the accelerator,
-//! memory, vCPUs and the language whose REPL is warm. Only offline VMs without a boot log
-//! or a home disk are saved or restored. The [`SnapshotStore`](crate::snapshot::SnapshotStore) verifies
+//! memory, vCPUs, the language whose REPL is warm and the network's shape. VMs with a boot
+//! log or a home disk are never saved or restored. The [`SnapshotStore`](crate::snapshot::SnapshotStore) verifies
 //! what it hands out; a restore that fails anyway discards the snapshot and boots cold.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use sha2::{Digest as _, Sha256};
 use tracing::{info, warn};
 
 use crate::error::{Error, PermanentCause, Result, TransientCause};
@@ -28,22 +26,20 @@ pub(crate) type DigestCache = Arc<Mutex<HashMap<PathBuf, ((u64, SystemTime), Sha
 /// Name of a saveable VM's RAM file in its work dir.
 pub const RAM_FILE: &str = "ram";
 
+/// The guest's wall clock while a VM to snapshot warms up: 2200-01-01T00:00:00Z. Every
+/// clone's resume sets the clock back to the host's, i.e. before the time any random
+/// generator in the snapshot was seeded at, and OpenSSL 3 reseeds such a DRBG from the
+/// kernel CRNG (reseeded by the resume) at its next use: clones of a node REPL do not
+/// share TLS or key-generation randomness, without restarting node.
+pub const SNAPSHOT_GUEST_CLOCK_SECS: u64 = 7_258_118_400;
+
 /// How long a snapshot's REPL warm-up may take.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// SHA-256 of a file, streamed.
 fn sha256_file(path: &Path) -> std::io::Result<Sha256Digest> {
     let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(Sha256Digest(h.finalize().into()))
+    guest_proto::hash_reader(&mut f).map(|(_, d)| d)
 }
 
 impl VmManager {
@@ -82,19 +78,11 @@ impl VmManager {
 
     /// The L1 snapshot key of VMs made with `opts`, or `None` when such VMs are not
     /// snapshotted (no store, a hypervisor or network proxy that cannot, a boot log, a
-    /// home disk, javascript). A networked VM's key names the network's shape, never its
+    /// home disk). A networked VM's key names the network's shape, never its
     /// policy: one snapshot serves every allowlist and every port forward.
     pub async fn snapshot_key(&self, opts: &VmOptions) -> Option<SnapshotKey> {
         self.ports.snapshots.as_ref()?;
-        // Not javascript: node's OpenSSL random generator lives in the node process and
-        // cannot be reseeded from outside, so every clone would have to restart its REPL
-        // (the agent does on resume); and a node started in a restored guest measured
-        // slower than in a booted one (10.4 s against about 4 s under TCG here). A cold
-        // boot is faster and shares nothing.
-        if opts.boot_log.is_some()
-            || opts.disk_mb.is_some()
-            || opts.language == crate::Language::Javascript
-        {
+        if opts.boot_log.is_some() || opts.disk_mb.is_some() {
             return None;
         }
         let network = match opts.network {
@@ -220,6 +208,8 @@ impl VmManager {
             )
             .await?;
         let saved = async {
+            vm.resume_at(SystemTime::UNIX_EPOCH + Duration::from_secs(SNAPSHOT_GUEST_CLOCK_SECS))
+                .await?;
             tokio::time::timeout(WARM_UP_TIMEOUT, vm.warm_up(language))
                 .await
                 .map_err(|_| {

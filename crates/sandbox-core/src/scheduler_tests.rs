@@ -744,6 +744,15 @@ async fn a_cold_boot_creates_the_snapshot_and_later_runs_restore_and_resume() {
     assert!(matches!(&mem[1], MemoryBacking::SharedFile { path } if path.ends_with("ram")));
     let counts = store.counts();
     assert_eq!((counts.drafts, counts.published), (1, 1), "{counts:?}");
+    // The saved VM warmed up with its clock far ahead, so clones (set back to the host's
+    // clock) see every generator seeded "in the future" (OpenSSL then reseeds).
+    let saved = h.channel.agents.lock().unwrap()[1].clone();
+    let resumes = saved.resumes();
+    assert_eq!(resumes.len(), 1);
+    assert_eq!(
+        resumes[0].0,
+        crate::restore::SNAPSHOT_GUEST_CLOCK_SECS * 1_000_000_000
+    );
 
     for _ in 0..2 {
         let r = h

@@ -737,7 +737,6 @@ async fn capacity_waits_show_in_admission_ms() {
     assert_eq!(wait_no_qemu(), 0);
 }
 
-/// A snapshot dir of this test binary's own, readable by QEMU's user.
 /// Issue 13 §2/§5: the first run of a kind boots cold and creates its L1 snapshot in the
 /// background; later runs restore from it, and say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -747,20 +746,10 @@ async fn runs_restore_from_the_l1_snapshot_of_their_kind() {
     let mut cfg = config(0);
     cfg.snapshot_dir = Some(dir.clone());
     let sbx = Sbx::start(cfg).await.unwrap();
-    // javascript is never snapshotted (see sandbox_core::restore): it boots cold.
-    for _ in 0..2 {
-        let r = run(&sbx, Language::Javascript, "console.log('ok')").await;
-        assert_eq!(r.stdout, "ok\n");
-        assert_eq!(r.vm_start, sandbox_core::result::VmStart::Cold);
-        assert!(
-            sbx.scheduler()
-                .wait_background(Duration::from_secs(5))
-                .await
-        );
-    }
     for (lang, code) in [
         (Language::Python, "print('ok')"),
         (Language::Raw, "echo ok"),
+        (Language::Javascript, "console.log('ok')"),
     ] {
         let r = run(&sbx, lang, code).await;
         assert_eq!(r.stdout, "ok\n", "{lang}");
@@ -820,8 +809,8 @@ async fn runs_restore_from_the_l1_snapshot_of_their_kind() {
 }
 
 /// Issue 13 §3: two clones of one snapshot do not share randomness (kernel, Python,
-/// bash) and their clocks are the host's, not the snapshot's (javascript is never
-/// snapshotted).
+/// bash, node: `Math.random`, `crypto.randomUUID`, and OpenSSL's own generator behind key
+/// generation) and their clocks are the host's, not the snapshot's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs QEMU and guest assets: cargo xtask itest"]
 async fn clones_of_one_snapshot_diverge_and_keep_the_host_clock() {
@@ -837,6 +826,14 @@ async fn clones_of_one_snapshot_diverge_and_keep_the_host_clock() {
         (
             Language::Raw,
             "echo $RANDOM $(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n') $(date +%s.%N)",
+        ),
+        (
+            Language::Javascript,
+            "const c = require('crypto'); \
+             const k = c.generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey \
+               .export({ type: 'spki', format: 'der' }).toString('hex'); \
+             console.log(Math.random(), c.randomUUID(), c.randomBytes(16).toString('hex'), \
+               k.slice(-32), Date.now() / 1000)",
         ),
     ];
     for (lang, code) in cases {

@@ -548,20 +548,10 @@ async fn assert_reached_allowed_test(
     );
 }
 
-/// The allowed name's upstream on the host's loopback is reached over TLS (SNI checked),
-/// and port 80 of the same name is refused.
-///
-/// 127.0.0.1 cannot be handed to the guest (inside the VM it is the guest's own
-/// loopback), so the name resolves to the routable stand-in [`STAND_IN`] and the proxy
-/// connects that to 127.0.0.1 on the host (`ProxyConfig::upstream_aliases`, tests only).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
-async fn allowlist_reaches_the_allowed_tls_name() {
-    let (port, mut accepted) = hello_server().await;
-    let sbx = sbx(Some(aliased_test_proxy(&["allowed.test"], port))).await;
-    let code = format!(
-        "{PY_PROBES}\nPORT = {port}\n{}",
-        r#"
+/// Python (after [`PY_PROBES`] and `PORT`): resolves `allowed.test`, opens a TLS
+/// connection to it on `PORT` (printing `tcp connected ADDR`, then `tls ended ...` when the
+/// upstream closes) and probes its port 80.
+const PY_TLS_TO_ALLOWED: &str = r#"
 import ssl
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
@@ -577,8 +567,20 @@ try:
 except OSError as e:
     print("tcp fail", type(e).__name__)
 probe_connect("allowed.test", 80)
-"#
-    );
+"#;
+
+/// The allowed name's upstream on the host's loopback is reached over TLS (SNI checked),
+/// and port 80 of the same name is refused.
+///
+/// 127.0.0.1 cannot be handed to the guest (inside the VM it is the guest's own
+/// loopback), so the name resolves to the routable stand-in [`STAND_IN`] and the proxy
+/// connects that to 127.0.0.1 on the host (`ProxyConfig::upstream_aliases`, tests only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn allowlist_reaches_the_allowed_tls_name() {
+    let (port, mut accepted) = hello_server().await;
+    let sbx = sbx(Some(aliased_test_proxy(&["allowed.test"], port))).await;
+    let code = format!("{PY_PROBES}\nPORT = {port}\n{PY_TLS_TO_ALLOWED}");
     let r = run_py(&sbx, &code, allowlist).await;
     // The guest only ever sees the stand-in; the upstream closing ends the handshake.
     assert_reached_allowed_test(&mut accepted, &r.stdout).await;
@@ -836,7 +838,8 @@ async fn restored_vms_get_their_own_proxy_policy_and_forwards() {
         port,
     )));
     cfg.work_dir = common::work_dir().to_path_buf();
-    cfg.snapshot_dir = Some(common::snapshot_dir("net"));
+    let snapshots = common::snapshot_dir("net");
+    cfg.snapshot_dir = Some(snapshots.clone());
     let sbx = Sbx::start(cfg).await.expect("sbx starts");
 
     let mut req = RunRequest::new(Language::Python, "print('warm')");
@@ -868,27 +871,8 @@ async fn restored_vms_get_their_own_proxy_policy_and_forwards() {
     assert_eq!(s.vm_start(), sandbox_core::result::VmStart::Snapshot);
     let forwarded = s.exposed_ports()[0].external;
 
-    let probe = format!(
-        "{PY_PROBES}\nPORT = {port}\n{}",
-        r#"
-import ssl
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-probe_dns("allowed.test")
-probe_dns("other.test")
-try:
-    with socket.create_connection(("allowed.test", PORT), timeout=3) as s:
-        print("tcp connected", s.getpeername()[0])
-        try:
-            ctx.wrap_socket(s, server_hostname="allowed.test")
-        except (ssl.SSLError, OSError) as e:
-            print("tls ended", type(e).__name__)
-except OSError as e:
-    print("tcp fail", type(e).__name__)
-probe_connect("allowed.test", 80)
-"#
-    );
+    let probe =
+        format!("{PY_PROBES}\nPORT = {port}\n{PY_TLS_TO_ALLOWED}\nprobe_dns(\"other.test\")\n");
     let r = exec(&s, &probe).await;
     assert_reached_allowed_test(&mut accepted, &r.stdout).await;
     // other.test resolves on the host and was allowed for the saved VM: the clone has its
@@ -924,4 +908,5 @@ while True:
     assert!(text.ends_with("hello from a restored guest\n"), "{text}");
     s.close().await;
     sbx.stop().await;
+    let _ = std::fs::remove_dir_all(snapshots);
 }

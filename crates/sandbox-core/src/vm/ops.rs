@@ -523,6 +523,12 @@ impl Vm {
     /// the CRNG and has every REPL reseed its generators, so clones of one snapshot
     /// diverge. Every failure is transient: no user code has run in the clone.
     pub async fn resume(&self) -> Result<ResumeInfo> {
+        let now = std::time::SystemTime::now();
+        self.resume_at(now).await
+    }
+
+    /// [`Vm::resume`] with the guest's wall clock set to `clock` instead of the host's.
+    pub(crate) async fn resume_at(&self, clock: std::time::SystemTime) -> Result<ResumeInfo> {
         const OP: &str = "resume";
         let transient = |message: String| {
             Error::transient(TransientCause::Infrastructure, message)
@@ -531,7 +537,7 @@ impl Vm {
         };
         let entropy = host_entropy(RESUME_ENTROPY_BYTES)
             .map_err(|e| transient(format!("cannot read the host's /dev/urandom: {e}")))?;
-        let unix_time_ns = std::time::SystemTime::now()
+        let unix_time_ns = clock
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
             .and_then(|d| u64::try_from(d.as_nanos()).ok())
