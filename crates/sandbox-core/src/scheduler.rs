@@ -15,6 +15,7 @@ use tracing::{Instrument, info_span};
 use crate::admission::{Admission, AdmissionConfig, AdmissionPermit};
 use crate::error::{Error, PermanentCause, Result};
 use crate::manager::{VmManager, VmOptions, VmSlot};
+use crate::packages::{PackageAllowlist, PackageSpec, parse_specs};
 use crate::ports::NetworkPolicy;
 use crate::request::{
     DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS, MAX_IDLE_TIMEOUT_SECS,
@@ -40,6 +41,10 @@ pub struct SchedulerConfig {
     pub admission: Option<AdmissionConfig>,
     /// Warm pool health check period.
     pub health_interval: Duration,
+    /// The operator's package allowlist: a request may ask only for packages it names.
+    /// `None`: every package is allowed (the library default; the `sbx` CLI and server
+    /// install the shipped list unless the operator turns it off).
+    pub package_allowlist: Option<Arc<PackageAllowlist>>,
 }
 
 impl Default for SchedulerConfig {
@@ -51,6 +56,7 @@ impl Default for SchedulerConfig {
             session_idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             admission: None,
             health_interval: Duration::from_secs(15),
+            package_allowlist: None,
         }
     }
 }
@@ -349,11 +355,33 @@ impl Scheduler {
         }
     }
 
+    /// Parses `packages` (already syntax-checked by the request's `validate`) and checks
+    /// them against the operator's allowlist: an input error naming the first refused
+    /// spec, before any VM work.
+    pub fn package_specs(
+        &self,
+        language: crate::Language,
+        packages: &[String],
+    ) -> Result<Vec<PackageSpec>> {
+        let specs = parse_specs(language, packages)?;
+        if let Some(list) = &self.inner.cfg.package_allowlist {
+            list.check(language, &specs)?;
+        }
+        Ok(specs)
+    }
+
     /// Runs `req` in a fresh VM (from the warm pool when eligible) and destroys the VM,
     /// always — also on error and when the returned future is dropped.
     pub async fn run(&self, mut req: RunRequest, opts: RunOptions) -> Result<ExecutionResult> {
         self.check_running()?;
         req.validate()?;
+        if !self.package_specs(req.language, &req.packages)?.is_empty() {
+            // Until the layer is attached to the VM, never run without the packages.
+            return Err(Error::permanent(
+                PermanentCause::Config,
+                "package layers are not attached to VMs yet",
+            ));
+        }
         let span = info_span!("run", language = %req.language, task = req.task_id.as_deref().unwrap_or(""));
         self.run_validated(req, opts).instrument(span).await
     }
@@ -421,6 +449,13 @@ impl Scheduler {
     pub async fn session(&self, mut req: SessionRequest, opts: RunOptions) -> Result<Session> {
         self.check_running()?;
         req.validate()?;
+        if !self.package_specs(req.language, &req.packages)?.is_empty() {
+            // Until the layer is attached to the VM, never run without the packages.
+            return Err(Error::permanent(
+                PermanentCause::Config,
+                "package layers are not attached to VMs yet",
+            ));
+        }
         let network = NetworkPolicy::from_request(&req.network);
         let (vm, permit, _waited) = self
             .provision(vm_options(

@@ -959,3 +959,34 @@ async fn networked_vms_restore_with_their_own_proxy_and_policy() {
         counters.networks_stopped.load(Ordering::SeqCst)
     );
 }
+
+#[tokio::test]
+async fn packages_off_the_allowlist_are_refused_before_any_vm_work() {
+    let list = crate::packages::PackageAllowlist::parse("[python]\nsix\n", "test").unwrap();
+    let h = h(SchedulerConfig {
+        package_allowlist: Some(Arc::new(list)),
+        ..SchedulerConfig::default()
+    });
+    for (specs, field) in [
+        (vec!["evil==1.0"], "packages"),
+        (vec!["six==1.16.0", "six==1.15.0"], "packages[1]"),
+        (vec!["six>=1"], "packages[0]"),
+        (vec!["six==1.16.0 --index-url=http://x"], "packages[0]"),
+    ] {
+        let mut req = RunRequest::new(Language::Python, "import six");
+        req.packages = specs.iter().map(|s| s.to_string()).collect();
+        let err = h.sched.run(req, RunOptions::default()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Input, "{specs:?}: {err}");
+        assert_eq!(err.context().field.as_deref(), Some(field), "{specs:?}");
+        let mut s = SessionRequest::new(Language::Python);
+        s.packages = specs.iter().map(|s| s.to_string()).collect();
+        let err = h.sched.session(s, RunOptions::default()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Input, "{specs:?}: {err}");
+    }
+    assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
+    let specs = h
+        .sched
+        .package_specs(Language::Python, &["SIX==1.16.0".into()])
+        .unwrap();
+    assert_eq!(specs[0].name, "six");
+}

@@ -75,6 +75,64 @@ pub struct SbxConfig {
     /// L1 memory snapshots: where they are kept, or `None` to boot every VM cold
     /// (`SBX_SNAPSHOTS=0`). Default `$SBX_SNAPSHOT_DIR`, else `~/.cache/sbx/snapshots`.
     pub snapshot_dir: Option<PathBuf>,
+    /// Which package allowlist requests are checked against, unless
+    /// `scheduler.package_allowlist` is already set (default: `SBX_PACKAGE_ALLOWLIST`, else
+    /// the shipped list).
+    pub package_allowlist: AllowlistSetting,
+}
+
+/// The package allowlist shipped with sbx (`crates/sbx/package-allowlist.txt`).
+pub const SHIPPED_PACKAGE_ALLOWLIST: &str = include_str!("../package-allowlist.txt");
+
+/// Where the package allowlist comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AllowlistSetting {
+    /// The list shipped with sbx ([`SHIPPED_PACKAGE_ALLOWLIST`]).
+    #[default]
+    Shipped,
+    /// The operator's own file (same format).
+    File(PathBuf),
+    /// No allowlist: any package may be asked for (an explicit operator decision).
+    Off,
+}
+
+impl AllowlistSetting {
+    /// `SBX_PACKAGE_ALLOWLIST`: `off` (also `0`, `none`, `false`) turns the check off, any
+    /// other non-empty value is a file; unset or empty: the shipped list.
+    pub fn from_env() -> Self {
+        match std::env::var_os("SBX_PACKAGE_ALLOWLIST") {
+            Some(v) if v.is_empty() => Self::Shipped,
+            Some(v) => match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+                Some("off" | "0" | "none" | "false" | "no") => Self::Off,
+                _ => Self::File(PathBuf::from(v)),
+            },
+            None => Self::Shipped,
+        }
+    }
+
+    /// From the CLI flags `--package-allowlist FILE` / `--no-package-allowlist`, else the
+    /// environment.
+    pub fn from_flags(file: Option<PathBuf>, off: bool) -> Self {
+        match (file, off) {
+            (_, true) => Self::Off,
+            (Some(f), false) => Self::File(f),
+            (None, false) => Self::from_env(),
+        }
+    }
+
+    /// The list, or `None` when the check is off; a file that cannot be read or parsed is
+    /// an error (never silently no list).
+    pub fn load(&self) -> Result<Option<Arc<sandbox_core::PackageAllowlist>>> {
+        let list = match self {
+            Self::Shipped => sandbox_core::PackageAllowlist::parse(
+                SHIPPED_PACKAGE_ALLOWLIST,
+                "shipped package-allowlist.txt",
+            )?,
+            Self::File(path) => sandbox_core::PackageAllowlist::load(path)?,
+            Self::Off => return Ok(None),
+        };
+        Ok(Some(Arc::new(list)))
+    }
 }
 
 /// The default assets dir: `$SBX_ASSETS_DIR`, else `~/.cache/sbx/assets`.
@@ -121,6 +179,7 @@ impl SbxConfig {
                 Ok("0" | "off" | "false" | "no") => None,
                 _ => Some(snapshot_store::default_root()),
             },
+            package_allowlist: AllowlistSetting::from_env(),
         }
     }
 }
@@ -253,6 +312,9 @@ impl Sbx {
         }
         let manager = VmManager::new(vm_cfg, ports);
         let mut sched_cfg = cfg.scheduler.clone();
+        if sched_cfg.package_allowlist.is_none() {
+            sched_cfg.package_allowlist = cfg.package_allowlist.load()?;
+        }
         if cfg.admission {
             let (mem, cpus) = host_capacity();
             sched_cfg.admission = Some(AdmissionConfig::for_host(mem, cpus));

@@ -95,6 +95,17 @@ struct RunArgs {
     /// Expose a guest port on 127.0.0.1: INTERNAL[:EXTERNAL][/tcp] (repeatable; TCP only).
     #[arg(long)]
     expose: Vec<String>,
+    /// Package to make importable, an exact pin: `numpy==2.1.3`, `lodash@4.17.21`
+    /// (repeatable, at most 50; built on the host into a read-only layer).
+    #[arg(short = 'p', long = "package", value_name = "SPEC")]
+    package: Vec<String>,
+    /// Package allowlist file (names only; default: SBX_PACKAGE_ALLOWLIST, else the shipped
+    /// list).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_package_allowlist")]
+    package_allowlist: Option<PathBuf>,
+    /// Allow any package (turns the allowlist off).
+    #[arg(long)]
+    no_package_allowlist: bool,
 }
 
 /// Inserts `run` when the first argument is not a subcommand or a top-level flag.
@@ -286,6 +297,7 @@ async fn run_single_with_files(
     sreq.memory_mb = base.memory_mb;
     sreq.disk_mb = base.disk_mb;
     sreq.network = base.network.clone();
+    sreq.packages = base.packages.clone();
     let uploads = check_uploads(&args.upload)?;
     let session = sbx.scheduler().session(sreq, opts.clone()).await?;
     let result = async {
@@ -386,9 +398,18 @@ async fn cmd_run(args: RunArgs) -> i32 {
     if let Err(e) = check_uploads(&args.upload).and_then(|_| check_downloads(&args.download)) {
         return usage(e.to_string());
     }
+    let allowlist_setting = sbx::AllowlistSetting::from_flags(
+        args.package_allowlist.clone(),
+        args.no_package_allowlist,
+    );
+    let allowlist = match allowlist_setting.load() {
+        Ok(l) => l,
+        Err(e) => return usage(format!("package allowlist: {}", e.message())),
+    };
     let mut requests = Vec::new();
     for src in &sources {
         let mut req = RunRequest::new(src.language, src.code.clone());
+        req.packages = args.package.clone();
         req.timeout_secs = args.timeout;
         req.memory_mb = args.memory;
         req.disk_mb = args.disk;
@@ -398,7 +419,14 @@ async fn cmd_run(args: RunArgs) -> i32 {
         req.network.expose_ports = expose.clone();
         // Validate every request before any VM work.
         let mut check = req.clone();
-        if let Err(e) = check.validate() {
+        let checked = check.validate().and_then(|()| {
+            let specs = sandbox_core::packages::parse_specs(src.language, &check.packages)?;
+            match &allowlist {
+                Some(list) => list.check(src.language, &specs),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = checked {
             return usage(format!("{}: {}", src.label, e));
         }
         requests.push(req);
@@ -406,7 +434,9 @@ async fn cmd_run(args: RunArgs) -> i32 {
 
     let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
     let spinner = Spinner::start(show_progress, "starting sandbox");
-    let sbx = match Sbx::start(SbxConfig::from_env()).await {
+    let mut sbx_cfg = SbxConfig::from_env();
+    sbx_cfg.package_allowlist = allowlist_setting;
+    let sbx = match Sbx::start(sbx_cfg).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
             spinner.finish().await;
