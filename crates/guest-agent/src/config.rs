@@ -59,6 +59,10 @@ pub struct AgentConfig {
     /// natively); the in-place reseed covers `Math.random` and the JavaScript `crypto`
     /// functions only. A restart costs one node start-up.
     pub restart_node_on_resume: bool,
+    /// Top of the mounted package layer (`/opt/sbx-packages`), when the host attached
+    /// one: its `python/` goes on `PYTHONPATH`, its `node_modules/` on `NODE_PATH`, after
+    /// the user's own install directories.
+    pub package_dir: Option<PathBuf>,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin";
@@ -82,6 +86,7 @@ impl AgentConfig {
             setup_us: None,
             pid1: true,
             restart_node_on_resume: true,
+            package_dir: None,
         }
     }
 
@@ -105,6 +110,7 @@ impl AgentConfig {
             setup_us: None,
             pid1: false,
             restart_node_on_resume: true,
+            package_dir: None,
         }
     }
 
