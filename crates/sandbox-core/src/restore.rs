@@ -91,8 +91,12 @@ impl VmManager {
         // (the agent does on resume); and a node started in a restored guest measured
         // slower than in a booted one (10.4 s against about 4 s under TCG here). A cold
         // boot is faster and shares nothing.
+        // Not with a package layer: a restored VM has the devices of its snapshot, and the
+        // snapshots are made without layers (the key would need the layer digest and one
+        // snapshot per package set); such VMs boot cold.
         if opts.boot_log.is_some()
             || opts.disk_mb.is_some()
+            || opts.package_layer.is_some()
             || opts.language == crate::Language::Javascript
         {
             return None;

@@ -79,6 +79,10 @@ pub struct SbxConfig {
     /// `scheduler.package_allowlist` is already set (default: `SBX_PACKAGE_ALLOWLIST`, else
     /// the shipped list).
     pub package_allowlist: AllowlistSetting,
+    /// Package layers (L2): where they are cached, or `None` to refuse requests with
+    /// packages (`SBX_PACKAGES=0`). Default `$SBX_PACKAGE_DIR`, else
+    /// `~/.cache/sbx/packages`.
+    pub package_dir: Option<PathBuf>,
 }
 
 /// The package allowlist shipped with sbx (`crates/sbx/package-allowlist.txt`).
@@ -135,6 +139,27 @@ impl AllowlistSetting {
     }
 }
 
+/// The L2 package layer store in `dir` for the guests described by the assets manifest in
+/// `assets_dir` (a language whose interpreter the manifest does not name gets no layers:
+/// its requests with packages are refused).
+pub fn package_layer_store(
+    dir: &std::path::Path,
+    assets_dir: &std::path::Path,
+) -> Result<Arc<dyn sandbox_core::PackageLayers>> {
+    let manifest = assets_dir.join("manifest.json");
+    let mut targets = Vec::new();
+    for lang in [Language::Python, Language::Javascript] {
+        match package_layers::GuestTarget::from_assets_manifest(&manifest, lang) {
+            Ok(t) => targets.push(t),
+            Err(e) => tracing::warn!(%lang, err = %e, "no package layers for this language"),
+        }
+    }
+    let store =
+        package_layers::FsPackageLayers::open(package_layers::LayerConfig::new(dir), targets)
+            .map_err(Error::from)?;
+    Ok(Arc::new(store))
+}
+
 /// The default assets dir: `$SBX_ASSETS_DIR`, else `~/.cache/sbx/assets`.
 pub fn default_assets_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SBX_ASSETS_DIR").filter(|v| !v.is_empty()) {
@@ -180,6 +205,10 @@ impl SbxConfig {
                 _ => Some(snapshot_store::default_root()),
             },
             package_allowlist: AllowlistSetting::from_env(),
+            package_dir: match std::env::var("SBX_PACKAGES").as_deref().map(str::trim) {
+                Ok("0" | "off" | "false" | "no") => None,
+                _ => Some(package_layers::default_root()),
+            },
         }
     }
 }
@@ -294,6 +323,10 @@ impl Sbx {
             }
             None => None,
         };
+        let packages = match &cfg.package_dir {
+            Some(dir) => Some(package_layer_store(dir, &cfg.assets_dir)?),
+            None => None,
+        };
         let ports = Ports {
             hypervisor: Arc::new(qemu),
             overlays: overlays.clone(),
@@ -301,6 +334,7 @@ impl Sbx {
             network: network.clone(),
             channel: Arc::new(channel),
             snapshots,
+            packages,
         };
         let mut vm_cfg = VmManagerConfig::new(assets, cfg.work_dir.clone(), accelerator);
         vm_cfg.max_vms = cfg.max_vms;

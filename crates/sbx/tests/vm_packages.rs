@@ -13,6 +13,10 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
+use sandbox_core::{
+    ErrorKind, ExecRequest, Language, OutputCallbacks, RunOptions, RunRequest, SessionRequest,
+};
+
 use common::work_dir;
 
 fn sbx_run(work: &PathBuf) -> Command {
@@ -131,4 +135,184 @@ fn package_usage_errors_exit_2_before_any_vm() {
     assert_eq!(out.status.code(), Some(125), "SBX_PACKAGE_ALLOWLIST=off");
     assert!(!work.exists(), "a usage error set up a sandbox work dir");
     let _ = std::fs::remove_file(&list);
+}
+
+/// A config whose package layers go to a directory of this test's own.
+fn packages_config(dir: &std::path::Path) -> sbx::SbxConfig {
+    let mut cfg = common::config(0);
+    cfg.package_dir = Some(dir.to_path_buf());
+    cfg
+}
+
+async fn run_with(
+    sbx: &sbx::Sbx,
+    language: Language,
+    code: &str,
+    packages: &[&str],
+) -> sandbox_core::Result<sandbox_core::ExecutionResult> {
+    let mut req = RunRequest::new(language, code);
+    req.packages = packages.iter().map(|s| s.to_string()).collect();
+    req.timeout_secs = 60;
+    sbx.scheduler().run(req, RunOptions::default()).await
+}
+
+fn layers_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().len() == 64 && e.path().join("layer.erofs").is_file())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// `import six` from a layer built on the host (the guest has no network): the module
+/// comes from the read-only layer, user code cannot write there, the layer is built once
+/// for a set, and a package that does not exist is an input error naming it, with no VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU, guest assets and PyPI: cargo xtask itest packages"]
+async fn python_imports_a_package_from_a_read_only_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let sbx = sbx::Sbx::start(packages_config(dir.path())).await.unwrap();
+    let code = r#"
+import six, os, sys
+print(six.__version__)
+print(six.__file__)
+try:
+    open(os.path.join(os.path.dirname(six.__file__), "evil.py"), "w")
+    print("WROTE")
+except OSError as e:
+    print("refused", e.errno)
+import socket
+try:
+    socket.create_connection(("pypi.org", 443), timeout=2)
+    print("NETWORK")
+except OSError:
+    print("offline")
+"#;
+    let started = std::time::Instant::now();
+    let r = run_with(&sbx, Language::Python, code, &["six==1.16.0"])
+        .await
+        .unwrap();
+    let first = started.elapsed();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "1.16.0", "{r:?}");
+    assert!(
+        lines[1].starts_with("/opt/sbx-packages/python/six.py"),
+        "{r:?}"
+    );
+    assert!(
+        lines[2] == "refused 30" || lines[2] == "refused 13",
+        "{r:?}"
+    );
+    assert_eq!(lines[3], "offline", "{r:?}");
+    assert!(r.timing.packages_ms > 0);
+    assert_eq!(layers_in(dir.path()), 1);
+    // The same set again: the published layer, no build.
+    let started = std::time::Instant::now();
+    let r = run_with(
+        &sbx,
+        Language::Python,
+        "import six; print(six.__version__)",
+        &["SIX==1.16.0"],
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "first run with a new set {first:?}, repeated {:?} (packages {} ms)",
+        started.elapsed(),
+        r.timing.packages_ms
+    );
+    assert_eq!(r.stdout, "1.16.0\n");
+    assert!(r.timing.packages_ms < 1000, "{:?}", r.timing);
+    assert_eq!(layers_in(dir.path()), 1);
+    // Without packages the module is not there.
+    let r = run_with(&sbx, Language::Python, "import six", &[])
+        .await
+        .unwrap();
+    assert_ne!(r.exit_code, 0);
+    assert!(r.stderr.contains("ModuleNotFoundError"), "{r:?}");
+    // A version that does not exist: input error naming it, nothing built.
+    let err = run_with(&sbx, Language::Python, "1", &["six==0.0.999"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Input, "{err}");
+    assert!(err.to_string().contains("six==0.0.999"), "{err}");
+    assert_eq!(layers_in(dir.path()), 1);
+    // A session sees the layer too.
+    let mut s = SessionRequest::new(Language::Python);
+    s.packages = vec!["six==1.16.0".into()];
+    let session = sbx
+        .scheduler()
+        .session(s, RunOptions::default())
+        .await
+        .unwrap();
+    session
+        .exec(ExecRequest::new("import six"), &OutputCallbacks::default())
+        .await
+        .unwrap();
+    let r = session
+        .exec(
+            ExecRequest::new("print(six.PY3)"),
+            &OutputCallbacks::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "True\n");
+    session.close().await;
+    sbx.stop().await;
+    assert_eq!(common::wait_no_qemu(), 0);
+}
+
+/// `require('is-number')` from a layer npm installed on the host with scripts disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU, guest assets and the npm registry: cargo xtask itest packages"]
+async fn javascript_requires_a_package_from_a_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let sbx = sbx::Sbx::start(packages_config(dir.path())).await.unwrap();
+    let r = run_with(
+        &sbx,
+        Language::Javascript,
+        "const isNumber = require('is-number'); console.log(isNumber(5), isNumber('x'), require.resolve('is-number'))",
+        &["is-number@7.0.0"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(
+        r.stdout, "true false /opt/sbx-packages/node_modules/is-number/index.js\n",
+        "{r:?}"
+    );
+    let err = run_with(&sbx, Language::Javascript, "1", &["is-number@99.0.0"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Input, "{err}");
+    sbx.stop().await;
+    assert_eq!(common::wait_no_qemu(), 0);
+}
+
+/// The CLI: `sbx run -p SPEC CODE` prints what the package says.
+#[test]
+#[ignore = "needs QEMU, guest assets and PyPI: cargo xtask itest packages"]
+fn sbx_run_with_a_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sbx"))
+        .env("SBX_WORK_DIR", work_dir())
+        .env("SBX_PACKAGE_DIR", dir.path())
+        .env("SBX_SNAPSHOTS", "0")
+        .env("SBX_LOG", "error")
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "six==1.16.0",
+            "import six; print(six.__version__)",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.16.0\n");
+    assert_eq!(layers_in(dir.path()), 1);
 }
