@@ -43,10 +43,25 @@ enum Cmd {
     /// As root: create the unprivileged `sbx-qemu` user QEMU runs as, and grant it access
     /// to the guest assets and the work dir (idempotent).
     Setup,
+    /// Inspect or trim the package layer cache (`$SBX_PACKAGE_DIR`).
+    #[command(subcommand)]
+    Cache(CacheCmd),
     // --- sbx serve (crates/sbx/src/serve/) ---
     /// Serve the HTTP API (bearer token required unless --no-auth on loopback).
     Serve(Box<sbx::serve::ServeArgs>),
     // --- end sbx serve ---
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCmd {
+    /// List the package layers, most recently used first.
+    Ls,
+    /// Remove least recently used package layers until the cache takes at most MB.
+    Gc {
+        /// Size to keep, in MB (0 removes every layer).
+        #[arg(long, default_value_t = 0)]
+        max_mb: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +130,7 @@ fn normalize_args(mut args: Vec<String>) -> Vec<String> {
             "run",
             "doctor",
             "setup",
+            "cache",
             "serve",
             "help",
             "-h",
@@ -592,6 +608,48 @@ async fn cmd_setup() -> i32 {
     }
 }
 
+fn cmd_cache(cmd: CacheCmd) -> i32 {
+    let root = package_layers::default_root();
+    let store = match package_layers::FsPackageLayers::open(
+        package_layers::LayerConfig::new(&root),
+        Vec::new(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sbx cache: {e}");
+            return EXIT_SANDBOX;
+        }
+    };
+    match cmd {
+        CacheCmd::Ls => {
+            let entries = store.list();
+            let total: u64 = entries.iter().map(|e| e.manifest.image_bytes).sum();
+            for e in &entries {
+                let age = e.last_used.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+                println!(
+                    "{}  {:<10}  {:>8.1} MB  used {:>6} s ago  {}",
+                    &e.manifest.key[..16],
+                    e.manifest.language.to_string(),
+                    e.manifest.image_bytes as f64 / 1e6,
+                    age,
+                    e.manifest.specs.join(" ")
+                );
+            }
+            println!(
+                "{} layers, {:.1} MB in {}",
+                entries.len(),
+                total as f64 / 1e6,
+                root.display()
+            );
+        }
+        CacheCmd::Gc { max_mb } => {
+            let removed = store.gc(max_mb.saturating_mul(1_000_000), None);
+            println!("removed {} layers", removed.len());
+        }
+    }
+    0
+}
+
 fn main() {
     let args = normalize_args(std::env::args().collect());
     let cli = match Cli::try_parse_from(args) {
@@ -633,6 +691,7 @@ fn main() {
             Cmd::Run(args) => cmd_run(*args).await,
             Cmd::Doctor { json } => cmd_doctor(json).await,
             Cmd::Setup => cmd_setup().await,
+            Cmd::Cache(c) => cmd_cache(c),
             Cmd::Serve(args) => sbx::serve::cli::main(*args).await,
         }
     });

@@ -315,4 +315,21 @@ fn sbx_run_with_a_package() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1.16.0\n");
     assert_eq!(layers_in(dir.path()), 1);
+    // `sbx cache ls|gc` see and trim it.
+    let cache = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sbx"))
+            .env("SBX_PACKAGE_DIR", dir.path())
+            .arg("cache")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ls = cache(&["ls"]);
+    assert!(ls.contains("python") && ls.contains("six==1.16.0"), "{ls}");
+    assert!(ls.contains("1 layers"), "{ls}");
+    assert_eq!(cache(&["gc", "--max-mb", "100"]), "removed 0 layers\n");
+    assert_eq!(cache(&["gc"]), "removed 1 layers\n");
+    assert_eq!(layers_in(dir.path()), 0);
 }
