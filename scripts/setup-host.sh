@@ -6,7 +6,7 @@ set -euo pipefail
 
 PKGS_BACKPORTS=(qemu-system-x86 qemu-utils)
 PKGS=(linux-source-6.1 flex bison bc libelf-dev libssl-dev dwarves mmdebstrap erofs-utils
-      cpio zstd file busybox-static python3 python3-pip nodejs bash acl patch e2fsprogs)
+      cpio zstd file busybox-static python3 python3-pip nodejs npm bash acl patch e2fsprogs)
 
 missing=()
 for p in "${PKGS[@]}" "${PKGS_BACKPORTS[@]}"; do

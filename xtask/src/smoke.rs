@@ -109,6 +109,7 @@ impl Booter {
             memory_mb: 192,
             memory: Default::default(),
             home_disk_mb: None,
+            package_layer: None,
             vcpus: 1,
             accelerator: self.accelerator,
             agent_socket: dir.join("agent.sock"),

@@ -62,6 +62,10 @@ pub struct AgentConfig {
     /// seeding, so the host makes snapshots with the guest clock set far ahead: restored
     /// clones then reseed in place, and only other resumes cost a node start-up.
     pub restart_node_on_resume: bool,
+    /// Top of the mounted package layer (`/opt/sbx-packages`), when the host attached
+    /// one: its `python/` goes on `PYTHONPATH`, its `node_modules/` on `NODE_PATH`, after
+    /// the user's own install directories.
+    pub package_dir: Option<PathBuf>,
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin";
@@ -85,6 +89,7 @@ impl AgentConfig {
             setup_us: None,
             pid1: true,
             restart_node_on_resume: true,
+            package_dir: None,
         }
     }
 
@@ -108,6 +113,7 @@ impl AgentConfig {
             setup_us: None,
             pid1: false,
             restart_node_on_resume: true,
+            package_dir: None,
         }
     }
 

@@ -148,6 +148,24 @@ fn switch_root() -> io::Result<()> {
 /// The block device (`vdX`) whose virtio serial is [`guest_proto::HOME_DISK_SERIAL`],
 /// looked up below `sys_block` (`/sys/block`).
 pub fn find_home_disk(sys_block: &Path) -> Option<String> {
+    find_disk(sys_block, guest_proto::HOME_DISK_SERIAL)
+}
+
+/// Mounts the host's read-only package layer `/dev/<dev>` (EROFS) on
+/// [`guest_proto::PACKAGE_MOUNT`]: read-only, nosuid, nodev; its files are root's, so
+/// user code can neither write to them nor remount them.
+fn mount_package_layer(dev: &str) -> io::Result<()> {
+    mount_fs(
+        &format!("/dev/{dev}"),
+        guest_proto::PACKAGE_MOUNT,
+        "erofs",
+        NOSUID_NODEV | MsFlags::MS_RDONLY | MsFlags::MS_NOATIME,
+        None,
+    )
+}
+
+/// The block device (`vdX`) whose virtio serial is `serial`, below `sys_block`.
+pub fn find_disk(sys_block: &Path, serial: &str) -> Option<String> {
     let mut names: Vec<String> = fs::read_dir(sys_block)
         .ok()?
         .flatten()
@@ -157,7 +175,7 @@ pub fn find_home_disk(sys_block: &Path) -> Option<String> {
     names.sort();
     names.into_iter().find(|n| {
         fs::read_to_string(sys_block.join(n).join("serial"))
-            .is_ok_and(|s| s.trim_end_matches(['\0', '\n']) == guest_proto::HOME_DISK_SERIAL)
+            .is_ok_and(|s| s.trim_end_matches(['\0', '\n']) == serial)
     })
 }
 
@@ -269,6 +287,16 @@ pub fn boot() -> AgentConfig {
             warn!(%err, "/home/user");
         }
     }
+    let packages = match find_disk(Path::new("/sys/block"), guest_proto::PACKAGE_DISK_SERIAL) {
+        Some(dev) => match mount_package_layer(&dev) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(%err, dev, "package layer not mounted");
+                false
+            }
+        },
+        None => false,
+    };
     let _ = mount_fs(
         "devpts",
         "/dev/pts",
@@ -315,6 +343,7 @@ pub fn boot() -> AgentConfig {
     AgentConfig {
         boot_ms: Some(boot_ms),
         setup_us: Some(setup_us),
+        package_dir: packages.then(|| guest_proto::PACKAGE_DIR.into()),
         ..cfg
     }
 }
@@ -355,6 +384,7 @@ mod tests {
             fs::write(sys.join(name).join("serial"), format!("{serial}\n")).unwrap();
         }
         assert_eq!(find_home_disk(sys).as_deref(), Some("vdb"));
+        assert_eq!(find_disk(sys, guest_proto::PACKAGE_DISK_SERIAL), None);
         fs::write(sys.join("vdb/serial"), "other\n").unwrap();
         assert_eq!(find_home_disk(sys), None);
         assert_eq!(find_home_disk(&sys.join("missing")), None);

@@ -134,8 +134,17 @@ fn interpreter_command(language: Language, cfg: &AgentConfig) -> Command {
 /// The environment every user process starts with.
 pub fn base_env(cfg: &AgentConfig) -> Vec<(String, String)> {
     let root = cfg.root.display().to_string();
+    let mut python_path = cfg.python_packages_dir().display().to_string();
+    let mut node_path = cfg.node_prefix().join("node_modules").display().to_string();
+    let mut path = cfg.path_env.clone();
+    if let Some(dir) = &cfg.package_dir {
+        let d = dir.display();
+        python_path.push_str(&format!(":{d}/python"));
+        node_path.push_str(&format!(":{d}/node_modules"));
+        path.push_str(&format!(":{d}/python/bin:{d}/node_modules/.bin"));
+    }
     vec![
-        ("PATH".into(), cfg.path_env.clone()),
+        ("PATH".into(), path),
         ("HOME".into(), root.clone()),
         ("USER".into(), "user".into()),
         ("LOGNAME".into(), "user".into()),
@@ -143,15 +152,9 @@ pub fn base_env(cfg: &AgentConfig) -> Vec<(String, String)> {
         ("LANG".into(), "C.UTF-8".into()),
         ("TERM".into(), "dumb".into()),
         ("TMPDIR".into(), cfg.temp_dir.display().to_string()),
-        (
-            "PYTHONPATH".into(),
-            cfg.python_packages_dir().display().to_string(),
-        ),
+        ("PYTHONPATH".into(), python_path),
         ("PYTHONUSERBASE".into(), format!("{root}/.local")),
-        (
-            "NODE_PATH".into(),
-            cfg.node_prefix().join("node_modules").display().to_string(),
-        ),
+        ("NODE_PATH".into(), node_path),
         ("npm_config_cache".into(), format!("{root}/.npm")),
     ]
 }
@@ -661,6 +664,29 @@ fn bash_env_snippets(env: &[(String, String)]) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_package_layer_goes_on_the_search_paths_after_the_users_own() {
+        let env = |cfg: &AgentConfig, k: &str| {
+            base_env(cfg)
+                .into_iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v)
+                .unwrap()
+        };
+        let mut cfg = AgentConfig::host("/home/user");
+        assert!(!env(&cfg, "PYTHONPATH").contains("sbx-packages"));
+        cfg.package_dir = Some(guest_proto::PACKAGE_DIR.into());
+        assert_eq!(
+            env(&cfg, "PYTHONPATH"),
+            "/home/user/.local/lib/python3/site-packages:/opt/sbx-packages/python"
+        );
+        assert_eq!(
+            env(&cfg, "NODE_PATH"),
+            "/home/user/node_modules:/opt/sbx-packages/node_modules"
+        );
+        assert!(env(&cfg, "PATH").ends_with(":/opt/sbx-packages/node_modules/.bin"));
+    }
 
     #[test]
     fn status_parsing_ignores_other_ids_and_garbage() {

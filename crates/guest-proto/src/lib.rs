@@ -164,6 +164,18 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// attaches one (a per-VM ext4 image). Without it the home is a tmpfs.
 pub const HOME_DISK_SERIAL: &str = "sbx-home";
 
+/// virtio-blk serial of the read-only package layer (an EROFS image of pinned packages
+/// built on the host), when the host attaches one. The guest mounts it read-only on
+/// [`PACKAGE_MOUNT`].
+pub const PACKAGE_DISK_SERIAL: &str = "sbx-pkgs";
+
+/// Where the guest mounts the package layer (an existing, empty directory of the images).
+pub const PACKAGE_MOUNT: &str = "/opt";
+
+/// Top of the package layer in the guest: `python/` (on `PYTHONPATH`) and
+/// `node_modules/` (on `NODE_PATH`) below it.
+pub const PACKAGE_DIR: &str = "/opt/sbx-packages";
+
 /// Largest allowed value of a frame's length prefix (version + tag + op id + payload).
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 

@@ -352,6 +352,25 @@ impl<'a> QemuCommandBuilder<'a> {
             );
         }
 
+        // Package layer: read-only EROFS image; the guest finds it by serial and mounts it
+        // read-only. QEMU itself opens it read-only too.
+        if let Some(layer) = &spec.package_layer {
+            a.push("-drive".into());
+            a.push(opt_with_path(
+                "file=",
+                layer,
+                &format!(",format=raw,if=none,id=pkgs,readonly=on,aio={aio}"),
+            ));
+            a.push("-device".into());
+            a.push(
+                format!(
+                    "virtio-blk-device,drive=pkgs,serial={}",
+                    guest_proto::PACKAGE_DISK_SERIAL
+                )
+                .into(),
+            );
+        }
+
         // virtio-serial: console on port 0 (hvc0), the agent on port 1.
         a.extend(["-device", "virtio-serial-device,max_ports=2"].map(OsString::from));
         a.push("-chardev".into());
@@ -446,6 +465,7 @@ pub(crate) mod tests {
             memory_mb: 192,
             memory: Default::default(),
             home_disk_mb: None,
+            package_layer: None,
             vcpus: 1,
             accelerator: accel,
             agent_socket: "/w/agent.sock".into(),
@@ -494,6 +514,32 @@ pub(crate) mod tests {
         };
         let b = QemuCommandBuilder::new(&s, &f2);
         assert!(b.machine().contains("pit=on"));
+    }
+
+    #[test]
+    fn a_package_layer_is_a_read_only_virtio_blk_with_its_serial() {
+        let f = features();
+        let mut s = spec(Accelerator::Tcg);
+        let argv = QemuCommandBuilder::new(&s, &f).build();
+        assert!(!argv.iter().any(|a| a.to_string_lossy().contains("id=pkgs")));
+        s.package_layer = Some("/c/pk,gs/layer.erofs".into());
+        let argv = QemuCommandBuilder::new(&s, &f).build();
+        let drive = argv
+            .iter()
+            .find(|a| a.to_string_lossy().contains("id=pkgs"))
+            .expect("package drive")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            drive.starts_with("file=/c/pk,,gs/layer.erofs,format=raw,"),
+            "{drive}"
+        );
+        assert!(drive.contains(",readonly=on"), "{drive}");
+        assert!(has_pair(
+            &argv,
+            "-device",
+            "virtio-blk-device,drive=pkgs,serial=sbx-pkgs"
+        ));
     }
 
     #[test]

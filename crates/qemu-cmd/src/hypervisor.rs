@@ -233,6 +233,7 @@ pub fn snapshot_devices(
         memory_mb: 0,
         memory: MemoryBacking::SharedFile { path: p("/R") },
         home_disk_mb: None,
+        package_layer: None,
         vcpus: 0,
         accelerator: accel,
         agent_socket: p("/A"),

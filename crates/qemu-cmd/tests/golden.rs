@@ -26,6 +26,7 @@ fn spec(accel: Accelerator, network: bool, verbose: bool) -> VmSpec {
         memory_mb: 192,
         memory: Default::default(),
         home_disk_mb: None,
+        package_layer: None,
         vcpus: 1,
         accelerator: accel,
         agent_socket: w.join("agent.sock"),

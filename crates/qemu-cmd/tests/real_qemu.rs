@@ -55,6 +55,7 @@ fn spec(dir: &Path, network: Option<PathBuf>) -> VmSpec {
         memory_mb: 128,
         memory: Default::default(),
         home_disk_mb: None,
+        package_layer: None,
         vcpus: 1,
         accelerator: Accelerator::Tcg,
         agent_socket: dir.join("agent.sock"),

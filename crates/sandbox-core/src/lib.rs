@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod error;
 pub mod manager;
+pub mod packages;
 pub mod ports;
 pub mod request;
 pub mod restore;
@@ -24,6 +25,7 @@ pub mod warm_pool;
 pub use error::{Error, ErrorContext, ErrorKind, PermanentCause, Result, TransientCause};
 pub use guest_proto::Language;
 pub use manager::{BootTimings, GuestAssets, Ports, VmManager, VmManagerConfig, VmOptions, VmSlot};
+pub use packages::{PackageAllowlist, PackageLayer, PackageLayers, PackageSpec};
 pub use request::{
     ExecRequest, NetworkRequest, PortMapping, PortProtocol, RunRequest, SessionRequest,
 };

@@ -162,6 +162,9 @@ pub struct Ports {
     pub channel: Arc<dyn GuestChannel>,
     /// Memory snapshots (L1) of warmed VMs; `None` boots every VM cold.
     pub snapshots: Option<Arc<dyn crate::snapshot::SnapshotStore>>,
+    /// Package layers (L2) for requests that ask for packages; `None`: such requests are
+    /// refused (a configuration error), never run without their packages.
+    pub packages: Option<Arc<dyn crate::packages::PackageLayers>>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -187,6 +190,9 @@ pub struct VmOptions {
     pub tenant: Option<String>,
     /// Live console lines (boot log), when wanted.
     pub boot_log: Option<mpsc::UnboundedSender<String>>,
+    /// Read-only package layer to attach (the request's packages, built by the
+    /// [`Ports::packages`] port). Such VMs skip the warm pool and L1 snapshots.
+    pub package_layer: Option<crate::packages::PackageLayer>,
     /// How long to wait for a free VM slot; `None` is the manager's `slot_timeout`, zero
     /// fails at once when every slot is taken (background work such as the warm pool).
     pub slot_wait: Option<Duration>,
@@ -202,6 +208,7 @@ impl VmOptions {
             network: NetworkPolicy::None,
             tenant: None,
             boot_log: None,
+            package_layer: None,
             slot_wait: None,
         }
     }
@@ -276,6 +283,11 @@ pub fn backoff_delay(base: Duration, max: Duration, attempt: u32) -> Duration {
 }
 
 impl VmManager {
+    /// The package layer port, when this manager has one.
+    pub fn package_layers(&self) -> Option<&Arc<dyn crate::packages::PackageLayers>> {
+        self.ports.packages.as_ref()
+    }
+
     /// A manager over `ports`.
     pub fn new(cfg: VmManagerConfig, ports: Ports) -> Self {
         let reaped = reap_stale_work_dirs(&cfg.work_root);

@@ -154,6 +154,7 @@ fn harness(
         network: None,
         channel: Arc::new(channel.clone()),
         snapshots: None,
+        packages: None,
     };
     let mut cfg = VmManagerConfig::new(assets(dir.path()), work_root.clone(), Accelerator::Tcg);
     cfg.boot_timeout = Duration::from_millis(300);
@@ -611,6 +612,7 @@ async fn cancellation_between_overlay_and_limits_releases_the_overlay() {
         network: None,
         channel: Arc::new(FakeChannel::new(Vec::new())),
         snapshots: None,
+        packages: None,
     };
     let work_root = dir.path().join("work");
     let cfg = VmManagerConfig::new(assets, work_root.clone(), crate::ports::Accelerator::Tcg);

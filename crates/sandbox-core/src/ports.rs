@@ -81,6 +81,9 @@ pub struct VmSpec {
     /// empty ext4 image in `work_dir` and attaches it with the virtio serial
     /// [`guest_proto::HOME_DISK_SERIAL`]. `None`: the guest's home is a tmpfs.
     pub home_disk_mb: Option<u32>,
+    /// Read-only package layer image (EROFS) to attach, when the request asked for
+    /// packages.
+    pub package_layer: Option<PathBuf>,
     /// Virtual CPUs.
     pub vcpus: u32,
     /// KVM or TCG.

@@ -338,6 +338,11 @@ pub struct RunRequest {
     /// Network and port settings.
     #[serde(default, flatten)]
     pub network: NetworkRequest,
+    /// Packages to make importable, as exact pins (`numpy==2.1.3`, `lodash@4.17.21`; at
+    /// most 50; see [`crate::packages`]). They come from a read-only package layer built
+    /// on the host; the guest never fetches anything.
+    #[serde(default)]
+    pub packages: Vec<String>,
     /// Tenant the VM is accounted to.
     #[serde(default)]
     pub tenant: Option<String>,
@@ -365,6 +370,7 @@ impl RunRequest {
             disk_mb: None,
             env: Vec::new(),
             network: NetworkRequest::default(),
+            packages: Vec::new(),
             tenant: None,
             task_id: None,
         }
@@ -378,6 +384,7 @@ impl RunRequest {
         validate_disk(self.disk_mb)?;
         validate_env(self.language, &self.env)?;
         self.network.validate()?;
+        crate::packages::parse_specs(self.language, &self.packages)?;
         if let Some(t) = &self.tenant {
             validate_identifier("tenant", t)?;
         }
@@ -414,6 +421,9 @@ pub struct SessionRequest {
     /// Network and port settings.
     #[serde(default, flatten)]
     pub network: NetworkRequest,
+    /// Packages to make importable (see [`RunRequest::packages`]).
+    #[serde(default)]
+    pub packages: Vec<String>,
     /// Tenant the VM is accounted to.
     #[serde(default)]
     pub tenant: Option<String>,
@@ -432,6 +442,7 @@ impl SessionRequest {
             disk_mb: None,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             network: NetworkRequest::default(),
+            packages: Vec::new(),
             tenant: None,
         }
     }
@@ -450,6 +461,7 @@ impl SessionRequest {
             ));
         }
         self.network.validate()?;
+        crate::packages::parse_specs(self.language, &self.packages)?;
         if let Some(t) = &self.tenant {
             validate_identifier("tenant", t)?;
         }
@@ -702,6 +714,23 @@ mod tests {
         let mut r = RunRequest::new(Language::Python, "1");
         r.task_id = Some("x".repeat(129));
         assert_eq!(field_of(r.validate().unwrap_err()), "task_id");
+    }
+
+    #[test]
+    fn packages_are_checked_with_the_request() {
+        let mut r = RunRequest::new(Language::Python, "import six");
+        r.packages = vec!["six==1.16.0".into(), "numpy>=1".into()];
+        assert_eq!(field_of(r.validate().unwrap_err()), "packages[1]");
+        r.packages.pop();
+        r.validate().unwrap();
+        let mut s = SessionRequest::new(Language::Raw);
+        s.packages = vec!["six==1.16.0".into()];
+        assert_eq!(field_of(s.validate().unwrap_err()), "packages[0]");
+        let parsed: RunRequest = serde_json::from_str(
+            r#"{"language":"javascript","code":"1","packages":["lodash@4.17.21"]}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.packages, ["lodash@4.17.21"]);
     }
 
     #[test]

@@ -78,11 +78,14 @@ impl VmManager {
 
     /// The L1 snapshot key of VMs made with `opts`, or `None` when such VMs are not
     /// snapshotted (no store, a hypervisor or network proxy that cannot, a boot log, a
-    /// home disk). A networked VM's key names the network's shape, never its
+    /// home disk, a package layer). A networked VM's key names the network's shape, never its
     /// policy: one snapshot serves every allowlist and every port forward.
     pub async fn snapshot_key(&self, opts: &VmOptions) -> Option<SnapshotKey> {
         self.ports.snapshots.as_ref()?;
-        if opts.boot_log.is_some() || opts.disk_mb.is_some() {
+        // Not with a package layer: a restored VM has the devices of its snapshot, and the
+        // snapshots are made without layers (the key would need the layer digest and one
+        // snapshot per package set); such VMs boot cold.
+        if opts.boot_log.is_some() || opts.disk_mb.is_some() || opts.package_layer.is_some() {
             return None;
         }
         let network = match opts.network {

@@ -72,6 +72,10 @@ pub struct TimingBreakdown {
     pub setup_ms: u64,
     /// Creating or taking the overlay disk (part of setup).
     pub overlay_ms: u64,
+    /// Finding (or, the first time, building) the package layer (part of setup; 0
+    /// without packages).
+    #[serde(default)]
+    pub packages_ms: u64,
     /// QEMU spawn to guest agent ready (0 on a warm-pool hit).
     pub boot_ms: u64,
     /// Waiting for the agent's first answer (part of boot).

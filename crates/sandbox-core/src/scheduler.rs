@@ -15,6 +15,7 @@ use tracing::{Instrument, info_span};
 use crate::admission::{Admission, AdmissionConfig, AdmissionPermit};
 use crate::error::{Error, PermanentCause, Result};
 use crate::manager::{VmManager, VmOptions, VmSlot};
+use crate::packages::{PackageAllowlist, PackageLayer, PackageSpec, parse_specs};
 use crate::ports::NetworkPolicy;
 use crate::request::{
     DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS, MAX_IDLE_TIMEOUT_SECS,
@@ -40,6 +41,10 @@ pub struct SchedulerConfig {
     pub admission: Option<AdmissionConfig>,
     /// Warm pool health check period.
     pub health_interval: Duration,
+    /// The operator's package allowlist: a request may ask only for packages it names.
+    /// `None`: every package is allowed (the library default; the `sbx` CLI and server
+    /// install the shipped list unless the operator turns it off).
+    pub package_allowlist: Option<Arc<PackageAllowlist>>,
 }
 
 impl Default for SchedulerConfig {
@@ -51,6 +56,7 @@ impl Default for SchedulerConfig {
             session_idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             admission: None,
             health_interval: Duration::from_secs(15),
+            package_allowlist: None,
         }
     }
 }
@@ -349,21 +355,68 @@ impl Scheduler {
         }
     }
 
+    /// Parses `packages` (already syntax-checked by the request's `validate`) and checks
+    /// them against the operator's allowlist: an input error naming the first refused
+    /// spec, before any VM work.
+    pub fn package_specs(
+        &self,
+        language: crate::Language,
+        packages: &[String],
+    ) -> Result<Vec<PackageSpec>> {
+        let specs = parse_specs(language, packages)?;
+        if let Some(list) = &self.inner.cfg.package_allowlist {
+            list.check(language, &specs)?;
+        }
+        Ok(specs)
+    }
+
     /// Runs `req` in a fresh VM (from the warm pool when eligible) and destroys the VM,
     /// always — also on error and when the returned future is dropped.
     pub async fn run(&self, mut req: RunRequest, opts: RunOptions) -> Result<ExecutionResult> {
         self.check_running()?;
         req.validate()?;
+        let specs = self.package_specs(req.language, &req.packages)?;
         let span = info_span!("run", language = %req.language, task = req.task_id.as_deref().unwrap_or(""));
-        self.run_validated(req, opts).instrument(span).await
+        self.run_validated(req, specs, opts).instrument(span).await
     }
 
-    async fn run_validated(&self, req: RunRequest, opts: RunOptions) -> Result<ExecutionResult> {
+    /// The layer holding `specs` (none when empty): found or built by the package layer
+    /// port, before any VM work. Without a port, packages are a configuration error.
+    async fn package_layer(
+        &self,
+        language: crate::Language,
+        specs: &[PackageSpec],
+    ) -> Result<Option<PackageLayer>> {
+        if specs.is_empty() {
+            return Ok(None);
+        }
+        let Some(layers) = self.inner.manager.package_layers() else {
+            return Err(Error::permanent(
+                PermanentCause::Config,
+                "this sandbox has no package layer builder (packages are off)",
+            ));
+        };
+        let layer = layers
+            .layer(language, specs)
+            .instrument(info_span!("package_layer", count = specs.len()))
+            .await?;
+        Ok(Some(layer))
+    }
+
+    async fn run_validated(
+        &self,
+        req: RunRequest,
+        specs: Vec<PackageSpec>,
+        opts: RunOptions,
+    ) -> Result<ExecutionResult> {
         let started = Instant::now();
         let mut timing = TimingBreakdown::default();
         let network = NetworkPolicy::from_request(&req.network);
+        let layer = self.package_layer(req.language, &specs).await?;
+        timing.packages_ms = millis(started.elapsed());
         let eligible = req.memory_mb == self.inner.cfg.default_memory_mb
             && req.disk_mb.is_none()
+            && layer.is_none()
             && matches!(network, NetworkPolicy::None)
             && opts.boot_log.is_none();
 
@@ -377,19 +430,19 @@ impl Scheduler {
         let (vm, _permit) = match pooled {
             Some(p) => (p.vm, p.permit),
             None => {
-                let (vm, permit, waited) = self
-                    .provision(vm_options(
-                        req.language,
-                        req.memory_mb,
-                        req.disk_mb,
-                        network,
-                        &req.tenant,
-                        &opts,
-                    ))
-                    .await?;
+                let mut vm_opts = vm_options(
+                    req.language,
+                    req.memory_mb,
+                    req.disk_mb,
+                    network,
+                    &req.tenant,
+                    &opts,
+                );
+                vm_opts.package_layer = layer;
+                let (vm, permit, waited) = self.provision(vm_opts).await?;
                 timing.admission_ms = millis(waited);
                 let b = vm.boot_timings();
-                timing.setup_ms = b.setup_ms;
+                timing.setup_ms = b.setup_ms + timing.packages_ms;
                 timing.overlay_ms = b.overlay_ms;
                 timing.boot_ms = b.boot_ms;
                 timing.guest_wait_ms = b.guest_wait_ms;
@@ -421,17 +474,19 @@ impl Scheduler {
     pub async fn session(&self, mut req: SessionRequest, opts: RunOptions) -> Result<Session> {
         self.check_running()?;
         req.validate()?;
+        let specs = self.package_specs(req.language, &req.packages)?;
         let network = NetworkPolicy::from_request(&req.network);
-        let (vm, permit, _waited) = self
-            .provision(vm_options(
-                req.language,
-                req.memory_mb,
-                req.disk_mb,
-                network,
-                &req.tenant,
-                &opts,
-            ))
-            .await?;
+        let layer = self.package_layer(req.language, &specs).await?;
+        let mut vm_opts = vm_options(
+            req.language,
+            req.memory_mb,
+            req.disk_mb,
+            network,
+            &req.tenant,
+            &opts,
+        );
+        vm_opts.package_layer = layer;
+        let (vm, permit, _waited) = self.provision(vm_opts).await?;
         let session = Session::start(
             vm,
             permit,
@@ -461,6 +516,7 @@ fn vm_options(
         network,
         tenant: tenant.clone(),
         boot_log: opts.boot_log.clone(),
+        package_layer: None,
         slot_wait: None,
     }
 }

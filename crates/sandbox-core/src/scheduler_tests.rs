@@ -968,3 +968,123 @@ async fn networked_vms_restore_with_their_own_proxy_and_policy() {
         counters.networks_stopped.load(Ordering::SeqCst)
     );
 }
+
+#[tokio::test]
+async fn packages_off_the_allowlist_are_refused_before_any_vm_work() {
+    let list = crate::packages::PackageAllowlist::parse("[python]\nsix\n", "test").unwrap();
+    let h = h(SchedulerConfig {
+        package_allowlist: Some(Arc::new(list)),
+        ..SchedulerConfig::default()
+    });
+    for (specs, field) in [
+        (vec!["evil==1.0"], "packages"),
+        (vec!["six==1.16.0", "six==1.15.0"], "packages[1]"),
+        (vec!["six>=1"], "packages[0]"),
+        (vec!["six==1.16.0 --index-url=http://x"], "packages[0]"),
+    ] {
+        let mut req = RunRequest::new(Language::Python, "import six");
+        req.packages = specs.iter().map(|s| s.to_string()).collect();
+        let err = h.sched.run(req, RunOptions::default()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Input, "{specs:?}: {err}");
+        assert_eq!(err.context().field.as_deref(), Some(field), "{specs:?}");
+        let mut s = SessionRequest::new(Language::Python);
+        s.packages = specs.iter().map(|s| s.to_string()).collect();
+        let err = h.sched.session(s, RunOptions::default()).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Input, "{specs:?}: {err}");
+    }
+    assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
+    let specs = h
+        .sched
+        .package_specs(Language::Python, &["SIX==1.16.0".into()])
+        .unwrap();
+    assert_eq!(specs[0].name, "six");
+}
+
+#[tokio::test]
+async fn packages_attach_their_layer_and_skip_the_pool_and_snapshots() {
+    use crate::manager::VmOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let f = crate::testing::Fakes::new()
+        .packages()
+        .snapshots()
+        .build(dir.path(), |_| {});
+    let layers = f.packages.clone().unwrap();
+    let store = f.snapshots.clone().unwrap();
+    let counters = f.counters.clone();
+    let sched = Scheduler::new(
+        SchedulerConfig {
+            warm_pool_size: 1,
+            ..SchedulerConfig::default()
+        },
+        f.manager.clone(),
+    )
+    .unwrap();
+    sched.start().unwrap();
+    // A published snapshot of plain python VMs: a VM with a layer must not restore it.
+    let key = f
+        .manager
+        .snapshot_key(&VmOptions::new(Language::Python))
+        .await
+        .unwrap();
+    store.insert(key);
+    let mut with_layer = VmOptions::new(Language::Python);
+    with_layer.package_layer = Some(crate::packages::PackageLayer {
+        image: "/x".into(),
+        digest: "0".repeat(64),
+        key: "k".into(),
+    });
+    assert_eq!(f.manager.snapshot_key(&with_layer).await, None);
+
+    let mut req = RunRequest::new(Language::Python, "import six");
+    req.packages = vec!["SIX==1.16.0".into(), "attrs==23.1.0".into()];
+    let r = sched.run(req, RunOptions::default()).await.unwrap();
+    assert_eq!(r.exit_code, 0);
+    assert!(!r.warm_pool_hit);
+    assert_eq!(r.vm_start, crate::result::VmStart::Cold);
+    let calls = layers.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let names: Vec<&str> = calls[0].1.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["attrs", "six"], "normalized and sorted");
+    let launched = counters.launched_layers.lock().unwrap().clone();
+    let with: Vec<_> = launched.iter().flatten().collect();
+    assert_eq!(with.len(), 1, "{launched:?}");
+    assert!(with[0].ends_with("attrs-23.1.0_six-1.16.0.erofs"));
+
+    let mut s = SessionRequest::new(Language::Python);
+    s.packages = vec!["six==1.16.0".into()];
+    let session = sched.session(s, RunOptions::default()).await.unwrap();
+    let launched = counters.launched_layers.lock().unwrap().clone();
+    assert!(
+        launched
+            .last()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|p| p.ends_with("six-1.16.0.erofs"))
+    );
+    session.close().await;
+
+    // A package the builder cannot find: an input error, and no VM for it.
+    let before = counters.launched_layers.lock().unwrap().len();
+    let mut req = RunRequest::new(Language::Python, "1");
+    req.packages = vec!["nosuch==1.0".into()];
+    let err = sched.run(req, RunOptions::default()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Input, "{err}");
+    assert_eq!(counters.launched_layers.lock().unwrap().len(), before);
+    sched.stop().await;
+}
+
+#[tokio::test]
+async fn packages_without_a_layer_builder_are_refused_never_ignored() {
+    let h = h(SchedulerConfig::default());
+    let mut req = RunRequest::new(Language::Python, "import six");
+    req.packages = vec!["six==1.16.0".into()];
+    let err = h.sched.run(req, RunOptions::default()).await.unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::Permanent(crate::error::PermanentCause::Config)
+        ),
+        "{err}"
+    );
+    assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
+}

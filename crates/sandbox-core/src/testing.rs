@@ -563,6 +563,8 @@ pub struct FakeCounters {
     pub launched_specs: Mutex<Vec<(Option<crate::ports::NetworkAttachment>, Vec<String>)>>,
     /// The memory backing of every launched VM, in order.
     pub launched_memory: Mutex<Vec<crate::ports::MemoryBacking>>,
+    /// The package layer of every launched VM, in order.
+    pub launched_layers: Mutex<Vec<Option<std::path::PathBuf>>>,
 }
 
 impl FakeCounters {
@@ -597,6 +599,9 @@ impl crate::ports::Hypervisor for FakeHypervisor {
         }
         if let Ok(mut memory) = self.0.launched_memory.lock() {
             memory.push(spec.memory.clone());
+        }
+        if let Ok(mut layers) = self.0.launched_layers.lock() {
+            layers.push(spec.package_layer.clone());
         }
         // A saveable VM's RAM file exists once it runs, as with QEMU.
         if let crate::ports::MemoryBacking::SharedFile { path } = &spec.memory {
@@ -855,6 +860,50 @@ fn build_fake_manager(
 pub struct Fakes {
     with_network: bool,
     with_snapshots: bool,
+    with_packages: bool,
+}
+
+/// One request to a [`FakePackageLayers`]: the language and the specs.
+pub type PackageCall = (crate::Language, Vec<crate::packages::PackageSpec>);
+
+/// A package layer port that "builds" an empty file per key and counts its calls; specs
+/// named `nosuch*` are input errors, as a real builder answers for unknown packages.
+#[derive(Debug, Clone, Default)]
+pub struct FakePackageLayers {
+    root: std::path::PathBuf,
+    /// Every request, in order.
+    pub calls: Arc<Mutex<Vec<PackageCall>>>,
+}
+
+#[async_trait]
+impl crate::packages::PackageLayers for FakePackageLayers {
+    async fn layer(
+        &self,
+        language: crate::Language,
+        specs: &[crate::packages::PackageSpec],
+    ) -> Result<crate::packages::PackageLayer> {
+        if let Ok(mut c) = self.calls.lock() {
+            c.push((language, specs.to_vec()));
+        }
+        if let Some(s) = specs.iter().find(|s| s.name.starts_with("nosuch")) {
+            return Err(Error::input(
+                "packages",
+                format!("package {:?}: no such package", s.name),
+            ));
+        }
+        let key: String = specs
+            .iter()
+            .map(|s| format!("{}-{}", s.name, s.version))
+            .collect::<Vec<_>>()
+            .join("_");
+        let image = self.root.join(format!("{key}.erofs"));
+        let _ = std::fs::write(&image, b"layer");
+        Ok(crate::packages::PackageLayer {
+            image,
+            digest: "0".repeat(64),
+            key,
+        })
+    }
 }
 
 /// A VM manager over the fakes, with the fakes that steer and count it.
@@ -870,12 +919,20 @@ pub struct FakeSetup {
     pub network: Option<FakeNetwork>,
     /// The snapshot store (rooted in `dir/snapshots`), when asked for.
     pub snapshots: Option<FakeSnapshotStore>,
+    /// The package layer port (rooted in `dir/packages`), when asked for.
+    pub packages: Option<FakePackageLayers>,
 }
 
 impl Fakes {
     /// Every required port, no network proxy, no snapshot store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// With a [`FakePackageLayers`] port.
+    pub fn packages(mut self) -> Self {
+        self.with_packages = true;
+        self
     }
 
     /// With a [`FakeNetwork`] proxy.
@@ -914,6 +971,14 @@ impl Fakes {
             let _ = std::fs::create_dir_all(&root);
             FakeSnapshotStore::with_root(root)
         });
+        let packages = self.with_packages.then(|| {
+            let root = dir.join("packages");
+            let _ = std::fs::create_dir_all(&root);
+            FakePackageLayers {
+                root,
+                calls: Arc::default(),
+            }
+        });
         let ports = crate::manager::Ports {
             hypervisor: Arc::new(FakeHypervisor(counters.clone())),
             overlays: Arc::new(FakeOverlays(counters.clone())),
@@ -925,6 +990,9 @@ impl Fakes {
             snapshots: snapshots
                 .clone()
                 .map(|s| Arc::new(s) as Arc<dyn crate::snapshot::SnapshotStore>),
+            packages: packages
+                .clone()
+                .map(|p| Arc::new(p) as Arc<dyn crate::packages::PackageLayers>),
         };
         let mut cfg = crate::manager::VmManagerConfig::new(
             assets,
@@ -939,6 +1007,7 @@ impl Fakes {
             channel,
             network,
             snapshots,
+            packages,
         }
     }
 }

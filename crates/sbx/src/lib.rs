@@ -75,6 +75,89 @@ pub struct SbxConfig {
     /// L1 memory snapshots: where they are kept, or `None` to boot every VM cold
     /// (`SBX_SNAPSHOTS=0`). Default `$SBX_SNAPSHOT_DIR`, else `~/.cache/sbx/snapshots`.
     pub snapshot_dir: Option<PathBuf>,
+    /// Which package allowlist requests are checked against, unless
+    /// `scheduler.package_allowlist` is already set (default: `SBX_PACKAGE_ALLOWLIST`, else
+    /// the shipped list).
+    pub package_allowlist: AllowlistSetting,
+    /// Package layers (L2): where they are cached, or `None` to refuse requests with
+    /// packages (`SBX_PACKAGES=0`). Default `$SBX_PACKAGE_DIR`, else
+    /// `~/.cache/sbx/packages`.
+    pub package_dir: Option<PathBuf>,
+}
+
+/// The package allowlist shipped with sbx (`crates/sbx/package-allowlist.txt`).
+pub const SHIPPED_PACKAGE_ALLOWLIST: &str = include_str!("../package-allowlist.txt");
+
+/// Where the package allowlist comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AllowlistSetting {
+    /// The list shipped with sbx ([`SHIPPED_PACKAGE_ALLOWLIST`]).
+    #[default]
+    Shipped,
+    /// The operator's own file (same format).
+    File(PathBuf),
+    /// No allowlist: any package may be asked for (an explicit operator decision).
+    Off,
+}
+
+impl AllowlistSetting {
+    /// `SBX_PACKAGE_ALLOWLIST`: `off` (also `0`, `none`, `false`) turns the check off, any
+    /// other non-empty value is a file; unset or empty: the shipped list.
+    pub fn from_env() -> Self {
+        match std::env::var_os("SBX_PACKAGE_ALLOWLIST") {
+            Some(v) if v.is_empty() => Self::Shipped,
+            Some(v) => match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+                Some("off" | "0" | "none" | "false" | "no") => Self::Off,
+                _ => Self::File(PathBuf::from(v)),
+            },
+            None => Self::Shipped,
+        }
+    }
+
+    /// From the CLI flags `--package-allowlist FILE` / `--no-package-allowlist`, else the
+    /// environment.
+    pub fn from_flags(file: Option<PathBuf>, off: bool) -> Self {
+        match (file, off) {
+            (_, true) => Self::Off,
+            (Some(f), false) => Self::File(f),
+            (None, false) => Self::from_env(),
+        }
+    }
+
+    /// The list, or `None` when the check is off; a file that cannot be read or parsed is
+    /// an error (never silently no list).
+    pub fn load(&self) -> Result<Option<Arc<sandbox_core::PackageAllowlist>>> {
+        let list = match self {
+            Self::Shipped => sandbox_core::PackageAllowlist::parse(
+                SHIPPED_PACKAGE_ALLOWLIST,
+                "shipped package-allowlist.txt",
+            )?,
+            Self::File(path) => sandbox_core::PackageAllowlist::load(path)?,
+            Self::Off => return Ok(None),
+        };
+        Ok(Some(Arc::new(list)))
+    }
+}
+
+/// The L2 package layer store in `dir` for the guests described by the assets manifest in
+/// `assets_dir` (a language whose interpreter the manifest does not name gets no layers:
+/// its requests with packages are refused).
+pub fn package_layer_store(
+    dir: &std::path::Path,
+    assets_dir: &std::path::Path,
+) -> Result<Arc<dyn sandbox_core::PackageLayers>> {
+    let manifest = assets_dir.join("manifest.json");
+    let mut targets = Vec::new();
+    for lang in [Language::Python, Language::Javascript] {
+        match package_layers::GuestTarget::from_assets_manifest(&manifest, lang) {
+            Ok(t) => targets.push(t),
+            Err(e) => tracing::warn!(%lang, err = %e, "no package layers for this language"),
+        }
+    }
+    let store =
+        package_layers::FsPackageLayers::open(package_layers::LayerConfig::new(dir), targets)
+            .map_err(Error::from)?;
+    Ok(Arc::new(store))
 }
 
 /// The default assets dir: `$SBX_ASSETS_DIR`, else `~/.cache/sbx/assets`.
@@ -120,6 +203,11 @@ impl SbxConfig {
             snapshot_dir: match std::env::var("SBX_SNAPSHOTS").as_deref().map(str::trim) {
                 Ok("0" | "off" | "false" | "no") => None,
                 _ => Some(snapshot_store::default_root()),
+            },
+            package_allowlist: AllowlistSetting::from_env(),
+            package_dir: match std::env::var("SBX_PACKAGES").as_deref().map(str::trim) {
+                Ok("0" | "off" | "false" | "no") => None,
+                _ => Some(package_layers::default_root()),
             },
         }
     }
@@ -235,6 +323,10 @@ impl Sbx {
             }
             None => None,
         };
+        let packages = match &cfg.package_dir {
+            Some(dir) => Some(package_layer_store(dir, &cfg.assets_dir)?),
+            None => None,
+        };
         let ports = Ports {
             hypervisor: Arc::new(qemu),
             overlays: overlays.clone(),
@@ -242,6 +334,7 @@ impl Sbx {
             network: network.clone(),
             channel: Arc::new(channel),
             snapshots,
+            packages,
         };
         let mut vm_cfg = VmManagerConfig::new(assets, cfg.work_dir.clone(), accelerator);
         vm_cfg.max_vms = cfg.max_vms;
@@ -253,6 +346,9 @@ impl Sbx {
         }
         let manager = VmManager::new(vm_cfg, ports);
         let mut sched_cfg = cfg.scheduler.clone();
+        if sched_cfg.package_allowlist.is_none() {
+            sched_cfg.package_allowlist = cfg.package_allowlist.load()?;
+        }
         if cfg.admission {
             let (mem, cpus) = host_capacity();
             sched_cfg.admission = Some(AdmissionConfig::for_host(mem, cpus));

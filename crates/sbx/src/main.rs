@@ -43,10 +43,25 @@ enum Cmd {
     /// As root: create the unprivileged `sbx-qemu` user QEMU runs as, and grant it access
     /// to the guest assets and the work dir (idempotent).
     Setup,
+    /// Inspect or trim the package layer cache (`$SBX_PACKAGE_DIR`).
+    #[command(subcommand)]
+    Cache(CacheCmd),
     // --- sbx serve (crates/sbx/src/serve/) ---
     /// Serve the HTTP API (bearer token required unless --no-auth on loopback).
     Serve(Box<sbx::serve::ServeArgs>),
     // --- end sbx serve ---
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCmd {
+    /// List the package layers, most recently used first.
+    Ls,
+    /// Remove least recently used package layers until the cache takes at most MB.
+    Gc {
+        /// Size to keep, in MB (0 removes every layer).
+        #[arg(long, default_value_t = 0)]
+        max_mb: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +110,17 @@ struct RunArgs {
     /// Expose a guest port on 127.0.0.1: INTERNAL[:EXTERNAL][/tcp] (repeatable; TCP only).
     #[arg(long)]
     expose: Vec<String>,
+    /// Package to make importable, an exact pin: `numpy==2.1.3`, `lodash@4.17.21`
+    /// (repeatable, at most 50; built on the host into a read-only layer).
+    #[arg(short = 'p', long = "package", value_name = "SPEC")]
+    package: Vec<String>,
+    /// Package allowlist file (names only; default: SBX_PACKAGE_ALLOWLIST, else the shipped
+    /// list).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_package_allowlist")]
+    package_allowlist: Option<PathBuf>,
+    /// Allow any package (turns the allowlist off).
+    #[arg(long)]
+    no_package_allowlist: bool,
 }
 
 /// Inserts `run` when the first argument is not a subcommand or a top-level flag.
@@ -104,6 +130,7 @@ fn normalize_args(mut args: Vec<String>) -> Vec<String> {
             "run",
             "doctor",
             "setup",
+            "cache",
             "serve",
             "help",
             "-h",
@@ -286,6 +313,7 @@ async fn run_single_with_files(
     sreq.memory_mb = base.memory_mb;
     sreq.disk_mb = base.disk_mb;
     sreq.network = base.network.clone();
+    sreq.packages = base.packages.clone();
     let uploads = check_uploads(&args.upload)?;
     let session = sbx.scheduler().session(sreq, opts.clone()).await?;
     let result = async {
@@ -386,9 +414,18 @@ async fn cmd_run(args: RunArgs) -> i32 {
     if let Err(e) = check_uploads(&args.upload).and_then(|_| check_downloads(&args.download)) {
         return usage(e.to_string());
     }
+    let allowlist_setting = sbx::AllowlistSetting::from_flags(
+        args.package_allowlist.clone(),
+        args.no_package_allowlist,
+    );
+    let allowlist = match allowlist_setting.load() {
+        Ok(l) => l,
+        Err(e) => return usage(format!("package allowlist: {}", e.message())),
+    };
     let mut requests = Vec::new();
     for src in &sources {
         let mut req = RunRequest::new(src.language, src.code.clone());
+        req.packages = args.package.clone();
         req.timeout_secs = args.timeout;
         req.memory_mb = args.memory;
         req.disk_mb = args.disk;
@@ -398,7 +435,14 @@ async fn cmd_run(args: RunArgs) -> i32 {
         req.network.expose_ports = expose.clone();
         // Validate every request before any VM work.
         let mut check = req.clone();
-        if let Err(e) = check.validate() {
+        let checked = check.validate().and_then(|()| {
+            let specs = sandbox_core::packages::parse_specs(src.language, &check.packages)?;
+            match &allowlist {
+                Some(list) => list.check(src.language, &specs),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = checked {
             return usage(format!("{}: {}", src.label, e));
         }
         requests.push(req);
@@ -406,7 +450,9 @@ async fn cmd_run(args: RunArgs) -> i32 {
 
     let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
     let spinner = Spinner::start(show_progress, "starting sandbox");
-    let sbx = match Sbx::start(SbxConfig::from_env()).await {
+    let mut sbx_cfg = SbxConfig::from_env();
+    sbx_cfg.package_allowlist = allowlist_setting;
+    let sbx = match Sbx::start(sbx_cfg).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
             spinner.finish().await;
@@ -562,6 +608,48 @@ async fn cmd_setup() -> i32 {
     }
 }
 
+fn cmd_cache(cmd: CacheCmd) -> i32 {
+    let root = package_layers::default_root();
+    let store = match package_layers::FsPackageLayers::open(
+        package_layers::LayerConfig::new(&root),
+        Vec::new(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sbx cache: {e}");
+            return EXIT_SANDBOX;
+        }
+    };
+    match cmd {
+        CacheCmd::Ls => {
+            let entries = store.list();
+            let total: u64 = entries.iter().map(|e| e.manifest.image_bytes).sum();
+            for e in &entries {
+                let age = e.last_used.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+                println!(
+                    "{}  {:<10}  {:>8.1} MB  used {:>6} s ago  {}",
+                    &e.manifest.key[..16],
+                    e.manifest.language.to_string(),
+                    e.manifest.image_bytes as f64 / 1e6,
+                    age,
+                    e.manifest.specs.join(" ")
+                );
+            }
+            println!(
+                "{} layers, {:.1} MB in {}",
+                entries.len(),
+                total as f64 / 1e6,
+                root.display()
+            );
+        }
+        CacheCmd::Gc { max_mb } => {
+            let removed = store.gc(max_mb.saturating_mul(1_000_000), None);
+            println!("removed {} layers", removed.len());
+        }
+    }
+    0
+}
+
 fn main() {
     let args = normalize_args(std::env::args().collect());
     let cli = match Cli::try_parse_from(args) {
@@ -603,6 +691,7 @@ fn main() {
             Cmd::Run(args) => cmd_run(*args).await,
             Cmd::Doctor { json } => cmd_doctor(json).await,
             Cmd::Setup => cmd_setup().await,
+            Cmd::Cache(c) => cmd_cache(c),
             Cmd::Serve(args) => sbx::serve::cli::main(*args).await,
         }
     });

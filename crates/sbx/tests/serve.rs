@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers may panic
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -976,4 +977,62 @@ async fn openapi_document_describes_every_endpoint() {
     // A typed OpenAPI 3.1 model accepts it.
     let spec = oas3::from_json(&text).unwrap();
     assert_eq!(spec.paths.map(|p| p.len()), Some(paths.len()));
+}
+
+/// `"packages"` on run and session bodies: a spec that is not an exact pin (or an
+/// injection attempt) is an input error naming it, before any VM work.
+#[tokio::test]
+async fn package_specs_are_checked_before_any_vm_work() {
+    let h = h().await;
+    for (path, body) in [
+        (
+            "/v1/run",
+            r#"{"code": "1", "packages": ["six==1.16.0", "numpy>=1"]}"#,
+        ),
+        (
+            "/v1/run",
+            r#"{"code": "1", "packages": ["six==1.16.0", "x==1 --index-url=http://e"]}"#,
+        ),
+        (
+            "/v1/sessions",
+            r#"{"packages": ["six==1.16.0", "git+https://e/x"]}"#,
+        ),
+        (
+            "/v1/run",
+            r#"{"code": "1", "language": "javascript", "packages": ["lodash", "lodash@^4.0.0"]}"#,
+        ),
+    ] {
+        let r = h
+            .post(path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (s, e) = error_of(r).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {e}");
+        assert_eq!(e["kind"], "input", "{e}");
+        let field = e["field"].as_str().unwrap_or_default();
+        assert!(field.starts_with("packages["), "{body}: {e}");
+        assert!(e["message"].as_str().unwrap().contains("package "), "{e}");
+    }
+    let r = h
+        .post("/v1/run")
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"code": "1", "packages": [{}]}}"#,
+            (0..51)
+                .map(|i| format!("\"p{i}==1\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .send()
+        .await
+        .unwrap();
+    let (s, e) = error_of(r).await;
+    assert_eq!(
+        (s, e["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("packages"))
+    );
+    assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
 }

@@ -320,6 +320,7 @@ impl VmBuilder<'_> {
             memory_mb: opts.memory_mb,
             memory: memory.clone(),
             home_disk_mb: opts.disk_mb,
+            package_layer: opts.package_layer.as_ref().map(|l| l.image.clone()),
             vcpus: cfg.vcpus,
             accelerator: cfg.accelerator,
             agent_socket: work_dir.join("agent.sock"),

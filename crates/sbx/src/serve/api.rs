@@ -117,6 +117,10 @@ pub struct RunBody {
     /// Guest ports forwarded to 127.0.0.1 on the host while the run lasts.
     #[serde(default)]
     pub expose_ports: Vec<PortRequest>,
+    /// Packages to make importable, exact pins (`numpy==2.1.3`, `lodash@4.17.21`; at most
+    /// 50, each on the operator's allowlist); built on the host into a read-only layer.
+    #[serde(default)]
+    pub packages: Vec<String>,
     /// Caller's task identifier, for logs (`[A-Za-z0-9_-]`, ≤ 128).
     #[serde(default)]
     pub task_id: Option<String>,
@@ -136,6 +140,7 @@ impl RunBody {
             &self.allowed_domains,
             &self.expose_ports,
         );
+        req.packages = self.packages.clone();
         req.task_id = self.task_id.clone();
         req
     }
@@ -176,6 +181,9 @@ pub struct SessionBody {
     /// Guest ports forwarded to 127.0.0.1 on the host while the session lives.
     #[serde(default)]
     pub expose_ports: Vec<PortRequest>,
+    /// Packages to make importable (as in `POST /v1/run`).
+    #[serde(default)]
+    pub packages: Vec<String>,
 }
 
 impl SessionBody {
@@ -192,6 +200,7 @@ impl SessionBody {
             &self.allowed_domains,
             &self.expose_ports,
         );
+        req.packages = self.packages.clone();
         req
     }
 }

@@ -42,6 +42,13 @@ pub struct ServeArgs {
     /// Seconds in-flight requests may finish after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Package allowlist file (names only; default: SBX_PACKAGE_ALLOWLIST, else the shipped
+    /// list).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_package_allowlist")]
+    pub package_allowlist: Option<PathBuf>,
+    /// Allow any package (turns the allowlist off).
+    #[arg(long)]
+    pub no_package_allowlist: bool,
 }
 
 impl ServeArgs {
@@ -133,7 +140,15 @@ pub async fn main(args: ServeArgs) -> i32 {
             return EXIT_SANDBOX;
         }
     };
-    let sbx_cfg = SbxConfig::from_env();
+    let mut sbx_cfg = SbxConfig::from_env();
+    sbx_cfg.package_allowlist = crate::AllowlistSetting::from_flags(
+        args.package_allowlist.clone(),
+        args.no_package_allowlist,
+    );
+    if let Err(e) = sbx_cfg.package_allowlist.load() {
+        eprintln!("sbx serve: package allowlist: {}", e.message());
+        return EXIT_USAGE;
+    }
     let sbx = match Sbx::start(sbx_cfg.clone()).await {
         Ok(s) => s,
         Err(e) => {
