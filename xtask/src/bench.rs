@@ -94,9 +94,16 @@ fn self_rss_kib(field: &str) -> u64 {
 }
 
 /// PSS (KiB, from `smaps_rollup`) of every sbx QEMU.
-fn qemu_pss_kib() -> Vec<u64> {
+/// PSS of every sbx QEMU whose VM lives under `work_root` (other sbx users on the host,
+/// such as VM tests, are not counted).
+fn qemu_pss_kib(work_root: &std::path::Path) -> Vec<u64> {
+    let root = work_root.to_string_lossy().into_owned();
     qemu_pids()
         .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains(&root))
+        })
         .filter_map(|pid| {
             status_kib(
                 &std::path::Path::new("/proc")
@@ -533,7 +540,7 @@ async fn idle_sessions_pss_kib(sbx: &sbx::Sbx, lang: Language, n: usize) -> Resu
         sessions.push(s);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pss = qemu_pss_kib();
+    let pss = qemu_pss_kib(&sbx.scheduler().manager().config().work_root);
     for s in sessions {
         s.close().await;
     }
