@@ -61,7 +61,15 @@ enum Cmd {
 }
 
 /// The test binaries of the `sbx` crate that boot real VMs.
-const VM_TEST_BINARIES: &[&str] = &["vm", "vm_serve", "vm_net", "vm_cli", "vm_guest"];
+const VM_TEST_BINARIES: &[&str] = &[
+    "vm",
+    "vm_serve",
+    "vm_net",
+    "vm_cli",
+    "vm_guest",
+    "vm_mcp",
+    "vm_session",
+];
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()

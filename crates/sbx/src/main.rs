@@ -47,6 +47,14 @@ enum Cmd {
     /// Serve the HTTP API (bearer token required unless --no-auth on loopback).
     Serve(Box<sbx::serve::ServeArgs>),
     // --- end sbx serve ---
+    /// An interactive session on this terminal: one VM, its interpreter state kept across
+    /// inputs (Ctrl-C interrupts an exec, Ctrl-D closes the session).
+    #[command(visible_alias = "repl")]
+    Session(Box<sbx::repl::SessionArgs>),
+    /// Serve the Model Context Protocol on stdin/stdout (tools: run code, sessions, files).
+    Mcp,
+    /// Print the HTTP API's OpenAPI 3.1 document (what `GET /v1/openapi.json` answers).
+    Openapi,
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +113,10 @@ fn normalize_args(mut args: Vec<String>) -> Vec<String> {
             "doctor",
             "setup",
             "serve",
+            "openapi",
+            "mcp",
+            "session",
+            "repl",
             "help",
             "-h",
             "--help",
@@ -604,6 +616,12 @@ fn main() {
             Cmd::Doctor { json } => cmd_doctor(json).await,
             Cmd::Setup => cmd_setup().await,
             Cmd::Serve(args) => sbx::serve::cli::main(*args).await,
+            Cmd::Session(args) => sbx::repl::main(*args).await,
+            Cmd::Mcp => sbx::mcp::main(SbxConfig::from_env()).await,
+            Cmd::Openapi => {
+                println!("{}", sbx::serve::openapi::document_json());
+                0
+            }
         }
     });
     drop(rt);
