@@ -55,6 +55,17 @@ enum Cmd {
     Mcp,
     /// Print the HTTP API's OpenAPI 3.1 document (what `GET /v1/openapi.json` answers).
     Openapi,
+    /// Print a shell completion script (e.g. `sbx completions bash > /etc/bash_completion.d/sbx`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (sbx.1 and one per subcommand) into DIR (`cargo xtask man`).
+    #[command(hide = true)]
+    ManPages {
+        /// Output directory (created).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +126,8 @@ fn normalize_args(mut args: Vec<String>) -> Vec<String> {
             "serve",
             "openapi",
             "mcp",
+            "completions",
+            "man-pages",
             "session",
             "repl",
             "help",
@@ -460,7 +473,7 @@ async fn cmd_run(args: RunArgs) -> i32 {
     };
     let results = tokio::select! {
         r = work => r,
-        _ = tokio::signal::ctrl_c() => {
+        () = interrupted() => {
             eprintln!("\nsbx: interrupted, cleaning up");
             sbx.stop().await;
             return EXIT_INTERRUPTED;
@@ -518,7 +531,7 @@ async fn cmd_run(args: RunArgs) -> i32 {
     // (bounded; Ctrl-C skips it) so the next `sbx run` restores instead of booting.
     tokio::select! {
         _ = sbx.scheduler().wait_background(SNAPSHOT_WAIT) => {}
-        _ = tokio::signal::ctrl_c() => {}
+        () = interrupted() => {}
     }
     sbx.stop().await;
     if any_timeout && status < EXIT_SANDBOX {
@@ -530,20 +543,30 @@ async fn cmd_run(args: RunArgs) -> i32 {
 /// How long `sbx run` waits, after its output, for a snapshot being made.
 const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Runs every future on its own task (a `JoinSet`: dropping it, as on Ctrl-C, aborts them
+/// all) and returns their outputs in the order given.
 async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
 where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        match h.await {
-            Ok(v) => out.push(v),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+    let mut set = tokio::task::JoinSet::new();
+    for (i, f) in futs.enumerate() {
+        set.spawn(async move { (i, f.await) });
+    }
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(set.len()).collect();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((i, v)) => {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(v);
+                }
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
         }
     }
-    out
+    out.into_iter().flatten().collect()
 }
 
 async fn cmd_doctor(json: bool) -> i32 {
@@ -570,6 +593,46 @@ async fn cmd_setup() -> i32 {
         Err(e) => {
             eprintln!("sbx setup: {e}");
             1
+        }
+    }
+}
+
+/// `sbx.1` and `sbx-<subcommand>.1` for every visible subcommand; how many were written.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut n = 0;
+    let mut write = |name: String, cmd: clap::Command| -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.bin_name(name.replacen('-', " ", 1)))
+            .title(name.to_uppercase())
+            .render(&mut buf)?;
+        std::fs::write(dir.join(format!("{name}.1")), buf)?;
+        n += 1;
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("sbx-{}", sub.get_name());
+        write(name, sub.clone())?;
+    }
+    write("sbx".to_owned(), cmd)?;
+    Ok(n)
+}
+
+/// Ctrl-C or SIGTERM (what `kill`, systemd and container runtimes send): either way
+/// `sbx run` destroys its VMs before it exits.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
@@ -618,6 +681,21 @@ fn main() {
             Cmd::Serve(args) => sbx::serve::cli::main(*args).await,
             Cmd::Session(args) => sbx::repl::main(*args).await,
             Cmd::Mcp => sbx::mcp::main(SbxConfig::from_env()).await,
+            Cmd::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(shell, &mut Cli::command(), "sbx", &mut std::io::stdout());
+                0
+            }
+            Cmd::ManPages { dir } => match write_man_pages(&dir) {
+                Ok(n) => {
+                    eprintln!("sbx: wrote {n} man pages to {}", dir.display());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("sbx: writing man pages to {}: {e}", dir.display());
+                    EXIT_SANDBOX
+                }
+            },
             Cmd::Openapi => {
                 println!("{}", sbx::serve::openapi::document_json());
                 0
