@@ -150,7 +150,7 @@ async fn read_input(
 
 /// Runs `sbx session`; returns the exit status (0 after Ctrl-D, 2 on usage errors, 125
 /// when the sandbox fails or the session is lost).
-pub async fn main(args: SessionArgs) -> i32 {
+pub async fn main(args: SessionArgs, config: SbxConfig) -> i32 {
     let language: Language = match args.language.parse() {
         Ok(l) => l,
         Err(_) => {
@@ -192,7 +192,7 @@ pub async fn main(args: SessionArgs) -> i32 {
         }
     };
     eprintln!("sbx session: starting a {language} microVM...");
-    let sbx = match Sbx::start(SbxConfig::from_env()).await {
+    let sbx = match Sbx::start(config).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sbx session: {e}");

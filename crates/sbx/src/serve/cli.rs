@@ -154,6 +154,11 @@ async fn shutdown_signal() {
 /// Runs `sbx serve`; returns the exit status (0 after a clean shutdown, 2 on usage
 /// errors, 125 when the sandbox or the listener cannot start).
 pub async fn main(args: ServeArgs) -> i32 {
+    main_with(args, SbxConfig::from_env()).await
+}
+
+/// [`main`] over the given sandbox configuration (the CLI's `SBX_*` settings and flags).
+pub async fn main_with(args: ServeArgs, sbx_cfg: SbxConfig) -> i32 {
     let config = match args.config() {
         Ok(c) => c,
         Err(e) => {
@@ -183,7 +188,6 @@ pub async fn main(args: ServeArgs) -> i32 {
             return EXIT_SANDBOX;
         }
     };
-    let sbx_cfg = SbxConfig::from_env();
     let sbx = match Sbx::start(sbx_cfg.clone()).await {
         Ok(s) => s,
         Err(e) => {
