@@ -378,43 +378,26 @@ fn error_status(e: &Error) -> i32 {
     }
 }
 
-/// A progress line on stderr while a VM boots (terminal only).
-struct Spinner {
-    stop: Arc<AtomicBool>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
+/// A progress line on stderr while a VM boots (terminal only; indicatif).
+struct Spinner(indicatif::ProgressBar);
 
 impl Spinner {
     fn start(enabled: bool, label: &'static str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = enabled.then(|| {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let frames = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
-                let started = std::time::Instant::now();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    eprint!(
-                        "\r{} {label} {:.1}s",
-                        frames[i % frames.len()],
-                        started.elapsed().as_secs_f32()
-                    );
-                    let _ = std::io::stderr().flush();
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                eprint!("\r\x1b[2K");
-                let _ = std::io::stderr().flush();
-            })
-        });
-        Self { stop, task }
+        if !enabled {
+            return Self(indicatif::ProgressBar::hidden());
+        }
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            bar.set_style(style.tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏ "));
+        }
+        bar.set_message(label);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Self(bar)
     }
 
-    async fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    async fn finish(self) {
+        self.0.finish_and_clear();
     }
 }
 
