@@ -96,10 +96,17 @@ class LocalServer:
         except ValueError:
             ready = {}
         if not ready.get("ready") or not isinstance(ready.get("url"), str):
+            try:  # the descriptor closes a moment before the process is reaped
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is None:
+                why = f"did not become ready within {startup_timeout:g} s"
+            else:
+                why = f"exited ({proc.returncode}) before it was ready"
             tail = server.log_tail()
             server.stop()
-            why = "did not become ready" if proc.poll() is None else f"exited ({proc.returncode})"
-            raise PermanentError(f"sbx serve {why} within {startup_timeout:.0f} s:\n{tail}")
+            raise PermanentError(f"sbx serve {why}:\n{tail}")
         server.url = ready["url"]
         return server
 
