@@ -132,6 +132,22 @@ impl Sha256Hasher {
     }
 }
 
+/// Reads `reader` to the end in 1 MiB chunks; returns how many bytes it held and their
+/// SHA-256.
+pub fn hash_reader(reader: &mut impl std::io::Read) -> std::io::Result<(u64, Sha256Digest)> {
+    let mut hasher = Sha256Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(hasher.finish())
+}
+
 impl fmt::Debug for Sha256Hasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sha256Hasher")

@@ -150,7 +150,7 @@ pub use codec::{
     RawFrame, decode_frame, decode_raw_frame, encode_frame, encode_frame_with_max, read_frame,
     read_raw_frame, reserve_frame, write_frame,
 };
-pub use digest::{ParseDigestError, Sha256Digest, Sha256Hasher};
+pub use digest::{ParseDigestError, Sha256Digest, Sha256Hasher, hash_reader};
 pub use error::ProtoError;
 pub use language::{Language, ParseLanguageError};
 pub use message::{DirEntry, ExecRequest, Frame, GuestErrorKind, GuestMessage, HostMessage, OpId};

@@ -554,6 +554,23 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_guests_announce_reaches_neither_the_stack_nor_the_denials() {
+        let (ctx, mut stack) = gateway(Mode::Allowlist(Allowlist::new(&["example.com"])));
+        let cancel = CancellationToken::new();
+        for _ in 0..5 {
+            handle_frame(
+                &ctx,
+                &mut stack,
+                &cancel,
+                crate::packet::tests::qemu_announce(crate::testing::GUEST_MAC),
+            );
+        }
+        stack.poll();
+        assert!(stack.take_tx().is_empty());
+        assert!(ctx.stats.snapshot().denied.is_empty());
+    }
+
+    #[test]
     fn syn_to_unresolved_address_gets_rst() {
         let (ctx, mut stack) = gateway(Mode::Allowlist(Allowlist::new(&["example.com"])));
         let cancel = CancellationToken::new();

@@ -373,6 +373,20 @@ impl NetworkProxy for NetProxy {
         self.stop_vm(&handle.vm_id).await;
         Ok(())
     }
+
+    /// Every VM gets the same addresses, gateway and MTU whatever its policy, and the
+    /// gateway learns the guest's MAC from its traffic: a guest restored from a snapshot
+    /// finds its gateway where its ARP cache says it is.
+    fn restorable_shape(&self) -> Option<String> {
+        Some(restorable_shape())
+    }
+}
+
+/// What a restored guest depends on in this proxy's network (see
+/// [`NetworkProxy::restorable_shape`]).
+pub fn restorable_shape() -> String {
+    let mac: Vec<String> = GATEWAY_MAC.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{} gateway-mac={}", guest_kernel_args(), mac.join(":"))
 }
 
 /// Accepts host connections on one forward and bridges each to the guest port.

@@ -41,9 +41,16 @@ pub(crate) fn classify(frame: &[u8], gateway: Ipv4Addr) -> Ingress {
     match eth.ethertype() {
         EthernetProtocol::Arp => classify_arp(eth.payload(), gateway),
         EthernetProtocol::Ipv4 => classify_ipv4(eth.payload(), gateway),
+        // QEMU announces a VM restored from a snapshot (or migrated) with RARP frames from
+        // the guest's MAC: expected noise, never a flow to deny or a frame for the stack.
+        EthernetProtocol::Unknown(RARP) => Ingress::Ignore,
         _ => Ingress::Drop(DenyReason::Protocol),
     }
 }
+
+/// The ethertype of reverse ARP, which QEMU's self-announce sends after an incoming
+/// migration.
+const RARP: u16 = 0x8035;
 
 fn classify_arp(payload: &[u8], gateway: Ipv4Addr) -> Ingress {
     let Ok(pkt) = ArpPacket::new_checked(payload) else {
@@ -110,9 +117,34 @@ fn classify_ipv4(payload: &[u8], gateway: Ipv4Addr) -> Ingress {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The frame QEMU's `announce_self_create` builds: broadcast, RARP "reverse request"
+    /// with the guest's MAC as sender and target, padded to 60 bytes.
+    pub(crate) fn qemu_announce(mac: [u8; 6]) -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0x00, 6, 4, 0, 3]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(&mac);
+        f.extend_from_slice(&[0; 4]);
+        f.resize(60, 0);
+        f
+    }
+
+    #[test]
+    fn qemus_announce_after_a_restore_is_ignored_not_denied() {
+        let gw = Ipv4Addr::new(192, 168, 127, 1);
+        let frame = qemu_announce(crate::testing::GUEST_MAC);
+        assert_eq!(classify(&frame, gw), Ingress::Ignore);
+        // Other unknown protocols are still denied (and counted).
+        let mut other = frame.clone();
+        other[12..14].copy_from_slice(&[0x86, 0xdd]);
+        assert_eq!(classify(&other, gw), Ingress::Drop(DenyReason::Protocol));
+    }
 
     proptest! {
         #[test]

@@ -595,3 +595,28 @@ async fn garbage_frames_never_kill_the_gateway() {
     let s = proxy.stats(&handle.vm_id).unwrap();
     assert_eq!(s.failed.get("frame_stream"), Some(&1), "{s:?}");
 }
+
+/// A snapshot of a networked VM serves clones with any policy: the guest-facing network
+/// (kernel arguments, addresses) is the same in every mode, and it is what the proxy
+/// names as its restorable shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_policy_gives_the_guest_the_network_a_snapshot_names() {
+    let proxy = NetProxy::new(config(443));
+    let shape = proxy.restorable_shape().unwrap();
+    assert_eq!(shape, netproxy::restorable_shape());
+    let policies = [
+        NetworkPolicy::PortsOnly { ports: Vec::new() },
+        NetworkPolicy::Allowlist {
+            domains: vec!["example.com".into()],
+            ports: vec![PortMapping::tcp(80)],
+        },
+        NetworkPolicy::Open { ports: Vec::new() },
+    ];
+    for policy in &policies {
+        let dir = tempfile::tempdir().unwrap();
+        let h = proxy.start(VmId::new(), policy, dir.path()).await.unwrap();
+        assert_eq!(h.guest_kernel_args, vec![netproxy::guest_kernel_args()]);
+        assert!(shape.starts_with(&h.guest_kernel_args[0]), "{shape}");
+        proxy.stop(&h).await.unwrap();
+    }
+}

@@ -214,11 +214,14 @@ pub fn share_with_group(spec: &VmSpec, gid: u32) -> std::io::Result<()> {
 
 /// The command line of a saveable VM with every path, id and size replaced by a fixed
 /// placeholder: what a restored VM must share with the one that was saved (machine,
-/// accelerator, CPU, devices in order, kernel arguments such as the TSC rate).
+/// accelerator, CPU, devices in order, kernel arguments such as the TSC rate). A
+/// `networked` VM has its network device (the proxy's own arguments are in its part of
+/// the key).
 pub fn snapshot_devices(
     features: &QemuFeatures,
     options: &CommandOptions,
     accel: Accelerator,
+    networked: bool,
 ) -> String {
     let p = |s: &str| PathBuf::from(s);
     let spec = VmSpec {
@@ -234,7 +237,8 @@ pub fn snapshot_devices(
         accelerator: accel,
         agent_socket: p("/A"),
         qmp_socket: p("/Q"),
-        network: None,
+        network: networked
+            .then(|| sandbox_core::ports::NetworkAttachment::UnixStream { socket: p("/N") }),
         console: sandbox_core::ports::ConsoleSpec {
             log_path: p("/C"),
             max_bytes: 0,
@@ -261,7 +265,11 @@ impl Hypervisor for QemuHypervisor {
         Ok(Box::new(process))
     }
 
-    fn snapshot_profile(&self, accelerator: Accelerator) -> Option<SnapshotProfile> {
+    fn snapshot_profile(
+        &self,
+        accelerator: Accelerator,
+        networked: bool,
+    ) -> Option<SnapshotProfile> {
         if self.features.version_line.is_empty() {
             return None;
         }
@@ -273,7 +281,7 @@ impl Hypervisor for QemuHypervisor {
         Some(SnapshotProfile {
             version: self.features.version_line.clone(),
             cpu_model,
-            devices: snapshot_devices(&self.features, &self.options, accelerator),
+            devices: snapshot_devices(&self.features, &self.options, accelerator, networked),
         })
     }
 }
@@ -312,18 +320,21 @@ mod tests {
             ..QemuFeatures::default()
         };
         let o = CommandOptions::default();
-        let a = snapshot_devices(&f, &o, Accelerator::Tcg);
+        let a = snapshot_devices(&f, &o, Accelerator::Tcg, false);
         f.tsc_khz = Some(2_600_004);
-        assert_eq!(a, snapshot_devices(&f, &o, Accelerator::Tcg));
+        assert_eq!(a, snapshot_devices(&f, &o, Accelerator::Tcg, false));
         assert!(a.contains("tsc_early_khz=2600000"), "{a}");
         assert!(a.contains("memory-backend-file,id=sbx.ram"), "{a}");
         // What must match does change the profile.
         f.tsc_khz = Some(3_000_000);
-        assert_ne!(a, snapshot_devices(&f, &o, Accelerator::Tcg));
+        assert_ne!(a, snapshot_devices(&f, &o, Accelerator::Tcg, false));
         let mut o2 = o.clone();
         o2.balloon = true;
-        assert_ne!(a, snapshot_devices(&f, &o2, Accelerator::Tcg));
-        assert_ne!(a, snapshot_devices(&f, &o, Accelerator::Kvm));
+        assert_ne!(a, snapshot_devices(&f, &o2, Accelerator::Tcg, false));
+        assert_ne!(a, snapshot_devices(&f, &o, Accelerator::Kvm, false));
+        let net = snapshot_devices(&f, &o, Accelerator::Tcg, true);
+        assert_ne!(a, net);
+        assert!(net.contains("virtio-net"), "{net}");
     }
 
     #[test]

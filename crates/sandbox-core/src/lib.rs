@@ -11,7 +11,6 @@
 pub mod admission;
 pub mod error;
 pub mod manager;
-pub mod ops;
 pub mod ports;
 pub mod request;
 pub mod restore;
@@ -24,10 +23,7 @@ pub mod warm_pool;
 
 pub use error::{Error, ErrorContext, ErrorKind, PermanentCause, Result, TransientCause};
 pub use guest_proto::Language;
-pub use manager::{
-    BootTimings, GuestAssets, Ports, Vm, VmManager, VmManagerConfig, VmOptions, VmSlot,
-};
-pub use ops::{ExecOutcome, OutputCallback, OutputCallbacks};
+pub use manager::{BootTimings, GuestAssets, Ports, VmManager, VmManagerConfig, VmOptions, VmSlot};
 pub use request::{
     ExecRequest, NetworkRequest, PortMapping, PortProtocol, RunRequest, SessionRequest,
 };
@@ -38,7 +34,10 @@ pub use snapshot::{
     FileDigest, Snapshot, SnapshotDraft, SnapshotEntry, SnapshotKey, SnapshotKeyInputs,
     SnapshotManifest, SnapshotStore,
 };
-pub use vm::{IllegalTransition, VmId, VmLifecycle, VmState};
+pub use vm::{
+    ExecOutcome, IllegalTransition, OutputCallback, OutputCallbacks, ResumeInfo, Vm, VmId,
+    VmLifecycle, VmState,
+};
 
 #[cfg(any(test, feature = "mocks"))]
 pub mod testing;

@@ -467,8 +467,8 @@ async fn bad_tenant_is_an_input_error() {
 
 #[tokio::test]
 async fn exec_streams_and_maps_outcomes() {
-    use crate::ops::OutputCallbacks;
     use crate::request::ExecRequest;
+    use crate::vm::ops::OutputCallbacks;
 
     let h = harness(vec![], vec![], false, false, 4);
     let vm = h
@@ -519,8 +519,8 @@ async fn exec_streams_and_maps_outcomes() {
 
 #[tokio::test]
 async fn a_dropped_exec_is_cancelled_in_the_guest_and_the_vm_stays_usable() {
-    use crate::ops::OutputCallbacks;
     use crate::request::ExecRequest;
+    use crate::vm::ops::OutputCallbacks;
 
     let h = harness(vec![], vec![], false, false, 4);
     let vm = h
@@ -702,7 +702,7 @@ async fn resume_sends_the_host_clock_and_fresh_entropy() {
     assert_eq!(resumes.len(), 2);
     for (time, entropy) in &resumes {
         assert!(*time >= before && *time - before < 5_000_000_000);
-        assert_eq!(entropy.len(), crate::ops::RESUME_ENTROPY_BYTES);
+        assert_eq!(entropy.len(), crate::vm::ops::RESUME_ENTROPY_BYTES);
     }
     assert_ne!(
         resumes[0].1, resumes[1].1,

@@ -182,8 +182,13 @@ pub trait Hypervisor: Send + Sync {
 
     /// What a VM saved on this hypervisor under `accelerator` must share with the VMs that
     /// restore it (part of the snapshot key); `None` when it cannot save and restore VMs.
-    fn snapshot_profile(&self, accelerator: Accelerator) -> Option<SnapshotProfile> {
-        let _ = accelerator;
+    /// `networked`: the VM has a network device (attached to a [`NetworkProxy`]).
+    fn snapshot_profile(
+        &self,
+        accelerator: Accelerator,
+        networked: bool,
+    ) -> Option<SnapshotProfile> {
+        let _ = (accelerator, networked);
         None
     }
 }
@@ -363,6 +368,15 @@ pub trait NetworkProxy: Send + Sync {
     ) -> Result<NetworkHandle>;
     /// Stops it and closes every listener. Idempotent.
     async fn stop(&self, handle: &NetworkHandle) -> Result<()>;
+
+    /// What a guest restored from a memory snapshot depends on in the network it is
+    /// attached to — its address, the gateway's IP and MAC (in the guest's ARP cache), the
+    /// MTU, the kernel arguments — as one canonical string that is the same for every VM
+    /// this proxy starts, whatever its policy. Part of the snapshot key of networked VMs;
+    /// `None` when this proxy cannot serve a restored guest (such VMs then always boot).
+    fn restorable_shape(&self) -> Option<String> {
+        None
+    }
 }
 
 /// What the guest said when the channel connected.

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::error::{Error, PermanentCause, Result, TransientCause};
-use crate::manager::{Vm, VmManager, VmOptions};
-use crate::ports::{ControlCommand, MemoryBacking, NetworkPolicy};
+use crate::manager::{VmManager, VmOptions};
+use crate::ports::{MemoryBacking, NetworkPolicy};
 use crate::snapshot::{Sha256Digest, Snapshot, SnapshotKey, SnapshotKeyInputs};
 
 /// Content digests of files, each with the (size, mtime) it was taken at.
@@ -27,9 +27,6 @@ pub(crate) type DigestCache = Arc<Mutex<HashMap<PathBuf, ((u64, SystemTime), Sha
 
 /// Name of a saveable VM's RAM file in its work dir.
 pub const RAM_FILE: &str = "ram";
-
-/// How long the agent gets to notice the host hung up before the VM is paused and saved.
-const QUIET_BEFORE_SAVE: Duration = Duration::from_millis(200);
 
 /// How long a snapshot's REPL warm-up may take.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -84,7 +81,9 @@ impl VmManager {
     }
 
     /// The L1 snapshot key of VMs made with `opts`, or `None` when such VMs are not
-    /// snapshotted (no store, a hypervisor that cannot, networking, a boot log).
+    /// snapshotted (no store, a hypervisor or network proxy that cannot, a boot log, a
+    /// home disk, javascript). A networked VM's key names the network's shape, never its
+    /// policy: one snapshot serves every allowlist and every port forward.
     pub async fn snapshot_key(&self, opts: &VmOptions) -> Option<SnapshotKey> {
         self.ports.snapshots.as_ref()?;
         // Not javascript: node's OpenSSL random generator lives in the node process and
@@ -92,15 +91,21 @@ impl VmManager {
         // (the agent does on resume); and a node started in a restored guest measured
         // slower than in a booted one (10.4 s against about 4 s under TCG here). A cold
         // boot is faster and shares nothing.
-        if !matches!(opts.network, NetworkPolicy::None)
-            || opts.boot_log.is_some()
+        if opts.boot_log.is_some()
             || opts.disk_mb.is_some()
             || opts.language == crate::Language::Javascript
         {
             return None;
         }
+        let network = match opts.network {
+            NetworkPolicy::None => None,
+            _ => Some(self.ports.network.as_ref()?.restorable_shape()?),
+        };
         let cfg = self.config();
-        let profile = self.ports.hypervisor.snapshot_profile(cfg.accelerator)?;
+        let profile = self
+            .ports
+            .hypervisor
+            .snapshot_profile(cfg.accelerator, network.is_some())?;
         let base = cfg.assets.images.get(&opts.language)?;
         let digests = async {
             Ok::<_, Error>((
@@ -135,6 +140,7 @@ impl VmManager {
                 vcpus: cfg.vcpus,
                 devices: profile.devices,
                 language: opts.language,
+                network,
             }
             .key(),
         )
@@ -197,8 +203,14 @@ impl VmManager {
             }
         };
         let language = opts.language;
+        // The saved VM never serves the request's policy: no host port is bound for it and
+        // nothing leaves it. Clones get their own proxy with their own policy.
+        let mut opts = opts;
+        if !matches!(opts.network, NetworkPolicy::None) {
+            opts.network = NetworkPolicy::PortsOnly { ports: Vec::new() };
+        }
         let vm = self
-            .create_vm_as(
+            .build_vm(
                 slot,
                 opts,
                 started,
@@ -255,30 +267,4 @@ async fn copy_published(from: &Path, to: &Path) -> Result<()> {
         )
         .with_source(e)
     })
-}
-
-impl Vm {
-    /// Saves a VM booted with its RAM in a shared file: closes the guest connection,
-    /// pauses the VM and writes its device state. Returns the RAM and state files (in the
-    /// VM's work dir, valid until it is destroyed). The VM stays paused.
-    pub(crate) async fn save(&self) -> Result<(PathBuf, PathBuf)> {
-        let Some((ram, state)) = self.saveable_files() else {
-            return Err(Error::permanent(
-                PermanentCause::Internal,
-                "this VM was not booted to be saved",
-            )
-            .with_vm(self.id()));
-        };
-        // No guest connection may be open in a snapshot: every clone gets its own.
-        self.conn().close().await;
-        tokio::time::sleep(QUIET_BEFORE_SAVE).await;
-        self.process()
-            .control(ControlCommand::Save {
-                state: state.clone(),
-            })
-            .await
-            .map_err(|e| e.with_vm(self.id()).with_operation("save"))?;
-        debug!(vm_id = %self.id(), "VM saved");
-        Ok((ram, state))
-    }
 }

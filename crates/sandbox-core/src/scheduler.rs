@@ -15,7 +15,6 @@ use tracing::{Instrument, info_span};
 use crate::admission::{Admission, AdmissionConfig, AdmissionPermit};
 use crate::error::{Error, PermanentCause, Result};
 use crate::manager::{VmManager, VmOptions, VmSlot};
-use crate::ops::OutputCallbacks;
 use crate::ports::NetworkPolicy;
 use crate::request::{
     DEFAULT_IDLE_TIMEOUT_SECS, DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECS, MAX_IDLE_TIMEOUT_SECS,
@@ -23,6 +22,7 @@ use crate::request::{
 };
 use crate::result::{ExecutionResult, TimingBreakdown, millis};
 use crate::session::{Session, WeakSession};
+use crate::vm::ops::OutputCallbacks;
 use crate::warm_pool::{WarmPool, WarmPoolConfig};
 
 /// Scheduler settings.
@@ -279,7 +279,7 @@ impl Scheduler {
     async fn provision(
         &self,
         vm: VmOptions,
-    ) -> Result<(crate::manager::Vm, Option<AdmissionPermit>, Duration)> {
+    ) -> Result<(crate::vm::Vm, Option<AdmissionPermit>, Duration)> {
         let (permit, slot, waited) = self.capacity(vm.memory_mb).await?;
         let snapshot_opts = vm.clone();
         let vm = self.inner.manager.create_vm_with_slot(slot, vm).await?;

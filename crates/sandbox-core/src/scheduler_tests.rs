@@ -7,10 +7,10 @@ use std::time::Duration;
 use crate::Language;
 use crate::admission::AdmissionConfig;
 use crate::error::{ErrorKind, TransientCause};
-use crate::ops::OutputCallbacks;
 use crate::request::{ExecRequest, RunRequest, SessionRequest};
 use crate::scheduler::{RunOptions, Scheduler, SchedulerConfig};
 use crate::testing::{FakeCounters, fake_manager};
+use crate::vm::ops::OutputCallbacks;
 
 struct H {
     _dir: tempfile::TempDir,
@@ -804,11 +804,13 @@ async fn a_corrupted_snapshot_is_discarded_and_the_vm_boots_cold() {
 }
 
 #[tokio::test]
-async fn vms_with_network_a_boot_log_or_a_home_disk_are_never_snapshotted() {
+async fn vms_with_a_boot_log_or_a_home_disk_are_never_snapshotted() {
     let (h, store) = h_snap();
     let m = h.sched.manager();
-    let mut opts = crate::manager::VmOptions::new(Language::Python);
+    let opts = crate::manager::VmOptions::new(Language::Python);
     assert!(m.snapshot_key(&opts).await.is_some());
+    // Networking without a proxy that can serve restored guests: no key.
+    let mut opts = crate::manager::VmOptions::new(Language::Python);
     opts.network = crate::ports::NetworkPolicy::Open { ports: Vec::new() };
     assert!(m.snapshot_key(&opts).await.is_none());
     let mut opts = crate::manager::VmOptions::new(Language::Python);
@@ -830,4 +832,130 @@ async fn vms_with_network_a_boot_log_or_a_home_disk_are_never_snapshotted() {
     assert!(a != b && a != c && b != c);
     assert_eq!(store.counts().lookups, 0);
     h.sched.stop().await;
+}
+
+#[tokio::test]
+async fn a_clone_that_does_not_resume_boots_cold_in_the_slot_it_held() {
+    use crate::manager::VmOptions;
+    use crate::result::VmStart;
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, _counters, channel, store) =
+        crate::testing::fake_manager_with_snapshots(dir.path(), |cfg| cfg.max_vms = 1);
+    let key = manager
+        .snapshot_key(&VmOptions::new(Language::Python))
+        .await
+        .unwrap();
+    store.insert(key);
+    channel.refuse_resume.store(true, Ordering::SeqCst);
+    // Another request queues for the only slot while the clone is tried.
+    let first = tokio::spawn({
+        let m = manager.clone();
+        async move { m.create_vm(VmOptions::new(Language::Python)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = tokio::spawn({
+        let m = manager.clone();
+        async move { m.create_vm(VmOptions::new(Language::Raw)).await }
+    });
+    // The refused clone gives way to a cold boot in the same slot: the queued request
+    // does not get it in between.
+    let vm = tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .expect("the first request must not wait behind the second")
+        .unwrap()
+        .unwrap();
+    assert_eq!(vm.start_kind(), VmStart::Cold);
+    assert!(!second.is_finished());
+    assert!(
+        !store.is_published(&key),
+        "the snapshot that failed is removed"
+    );
+    assert_eq!(manager.free_slots(), 0);
+    vm.destroy().await;
+    let other = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.language(), Language::Raw);
+    other.destroy().await;
+    assert_eq!(manager.free_slots(), 1);
+}
+
+#[tokio::test]
+async fn networked_vms_restore_with_their_own_proxy_and_policy() {
+    use crate::manager::VmOptions;
+    use crate::ports::{MemoryBacking, NetworkPolicy};
+    use crate::result::VmStart;
+    let dir = tempfile::tempdir().unwrap();
+    let f = crate::testing::Fakes::new()
+        .network()
+        .snapshots()
+        .build(dir.path(), |_| {});
+    let (network, store) = (f.network.clone().unwrap(), f.snapshots.clone().unwrap());
+    let m = f.manager.clone();
+    // One key for every policy (the proxy's shape, never its policy), apart from the
+    // key of VMs without a network device.
+    let with = |network: NetworkPolicy| {
+        let mut o = VmOptions::new(Language::Python);
+        o.network = network;
+        o
+    };
+    let allow = NetworkPolicy::Allowlist {
+        domains: vec!["example.com".into()],
+        ports: vec![crate::request::PortMapping::tcp(8000)],
+    };
+    let open = NetworkPolicy::Open { ports: Vec::new() };
+    let key = m.snapshot_key(&with(allow.clone())).await.unwrap();
+    assert_eq!(Some(key), m.snapshot_key(&with(open.clone())).await);
+    assert_ne!(
+        Some(key),
+        m.snapshot_key(&VmOptions::new(Language::Python)).await
+    );
+
+    let sched = Scheduler::new(SchedulerConfig::default(), f.manager).unwrap();
+    sched.start().unwrap();
+    let request = |domains: Vec<String>| {
+        let mut req = RunRequest::new(Language::Python, "x");
+        req.network.allow_network = true;
+        req.network.allowed_domains = domains;
+        req.network.expose_ports = vec![crate::request::PortMapping::tcp(8000)];
+        req
+    };
+    let r = sched
+        .run(request(vec!["example.com".into()]), RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.vm_start, VmStart::Cold);
+    assert!(sched.wait_background(Duration::from_secs(5)).await);
+    assert!(store.is_published(&key));
+    // The saved VM had a proxy of its own that forwards nothing and lets nothing out.
+    let policies = network.policies();
+    assert_eq!(policies.len(), 2, "{policies:?}");
+    assert_eq!(policies[1], NetworkPolicy::PortsOnly { ports: Vec::new() });
+
+    // A clone with another policy: restored, with its own proxy and its own policy.
+    let r = sched
+        .run(request(Vec::new()), RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.vm_start, VmStart::Snapshot);
+    assert_eq!(r.exposed_ports.len(), 1);
+    assert!(matches!(
+        f.counters.launched_memory.lock().unwrap().last(),
+        Some(MemoryBacking::Restore { .. })
+    ));
+    let policies = network.policies();
+    assert_eq!(
+        policies.last(),
+        Some(&NetworkPolicy::Open {
+            ports: vec![crate::request::PortMapping::tcp(8000)]
+        })
+    );
+    let counters = f.counters.clone();
+    sched.stop().await;
+    assert_eq!(
+        counters.networks_started.load(Ordering::SeqCst),
+        counters.networks_stopped.load(Ordering::SeqCst)
+    );
 }

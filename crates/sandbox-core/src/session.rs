@@ -29,11 +29,11 @@ use tracing::{debug, info};
 use crate::Language;
 use crate::admission::AdmissionPermit;
 use crate::error::{Error, ErrorKind, Result};
-use crate::manager::Vm;
-use crate::ops::OutputCallbacks;
 use crate::ports::AgentInfo;
 use crate::request::ExecRequest;
 use crate::result::{ExecutionResult, ExposedPort, TimingBreakdown, millis};
+use crate::vm::Vm;
+use crate::vm::ops::OutputCallbacks;
 
 /// Exit code that ends a session: the REPL was SIGKILLed (or chose 137).
 pub const SESSION_FATAL_EXIT: i32 = 137;

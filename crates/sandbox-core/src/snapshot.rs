@@ -22,7 +22,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use guest_proto::Language;
-pub use guest_proto::Sha256Digest;
+pub use guest_proto::{Sha256Digest, hash_reader};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
@@ -154,6 +154,9 @@ pub struct SnapshotKeyInputs {
     pub devices: String,
     /// The language whose interpreter is warm in the snapshot.
     pub language: Language,
+    /// The network the guest is attached to ([`crate::ports::NetworkProxy::restorable_shape`]),
+    /// `None` for a VM without a network device.
+    pub network: Option<String>,
 }
 
 impl SnapshotKeyInputs {
@@ -183,6 +186,10 @@ impl SnapshotKeyInputs {
         field("vcpus", &self.vcpus.to_le_bytes());
         field("devices", self.devices.as_bytes());
         field("language", self.language.as_str().as_bytes());
+        match &self.network {
+            Some(shape) => field("network", format!("attached {shape}").as_bytes()),
+            None => field("network", b"none"),
+        }
         SnapshotKey(hasher.finalize().into())
     }
 }
@@ -395,6 +402,7 @@ mod tests {
             vcpus: 1,
             devices: "microvm,virtio-serial,virtio-blk".to_owned(),
             language: Language::Python,
+            network: None,
         }
     }
 
@@ -422,6 +430,15 @@ mod tests {
             ("vcpus", with(&|i| i.vcpus = 2)),
             ("devices", with(&|i| i.devices.push_str(",virtio-net"))),
             ("language", with(&|i| i.language = Language::Raw)),
+            ("network", with(&|i| i.network = Some(String::new()))),
+            ("network shape", {
+                let mut i = base.clone();
+                i.network = Some("a".into());
+                let mut j = base.clone();
+                j.network = Some("b".into());
+                assert_ne!(i.key(), j.key());
+                i
+            }),
         ]
     }
 
@@ -630,6 +647,7 @@ mod tests {
                         vcpus,
                         devices,
                         language: Language::ALL[usize::from(lang) % 3],
+                        network: (lang >= 128).then(|| "sbx.net=shape".to_owned()),
                     }
                 },
             )

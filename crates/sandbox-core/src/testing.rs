@@ -147,6 +147,8 @@ pub struct FakeChannel {
     behaviors: Arc<Mutex<Vec<ConnectBehavior>>>,
     /// Every agent handed out, in order.
     pub agents: Arc<Mutex<Vec<FakeAgent>>>,
+    /// While set, agents handed out refuse `Resume` (a clone that cannot be resumed).
+    pub refuse_resume: Arc<AtomicBool>,
 }
 
 impl FakeChannel {
@@ -155,6 +157,7 @@ impl FakeChannel {
         Self {
             behaviors: Arc::new(Mutex::new(behaviors)),
             agents: Arc::new(Mutex::new(Vec::new())),
+            refuse_resume: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -185,6 +188,9 @@ impl GuestChannel for FakeChannel {
         match behavior {
             ConnectBehavior::Ok => {
                 let agent = FakeAgent::new();
+                agent
+                    .refuse_resume
+                    .store(self.refuse_resume.load(Ordering::SeqCst), Ordering::SeqCst);
                 if let Ok(mut a) = self.agents.lock() {
                     a.push(agent.clone());
                 }
@@ -240,6 +246,7 @@ pub struct FakeAgent {
     state: Arc<Mutex<AgentState>>,
     alive: Arc<AtomicBool>,
     next_op: Arc<AtomicU64>,
+    refuse_resume: Arc<AtomicBool>,
 }
 
 impl Default for FakeAgent {
@@ -255,6 +262,7 @@ impl FakeAgent {
             state: Arc::new(Mutex::new(AgentState::default())),
             alive: Arc::new(AtomicBool::new(true)),
             next_op: Arc::new(AtomicU64::new(1)),
+            refuse_resume: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -615,11 +623,16 @@ impl crate::ports::Hypervisor for FakeHypervisor {
     fn snapshot_profile(
         &self,
         _accelerator: crate::ports::Accelerator,
+        networked: bool,
     ) -> Option<crate::ports::SnapshotProfile> {
         Some(crate::ports::SnapshotProfile {
             version: "fake 1.0".into(),
             cpu_model: "fake".into(),
-            devices: "fake devices".into(),
+            devices: if networked {
+                "fake devices, fake nic".into()
+            } else {
+                "fake devices".into()
+            },
         })
     }
 }
@@ -697,6 +710,8 @@ pub struct FakeNetwork {
     pub counters: Arc<FakeCounters>,
     /// Makes the next starts fail with a transient error.
     pub fail_start: Arc<std::sync::atomic::AtomicBool>,
+    /// Every policy started, in order.
+    pub started: Arc<Mutex<Vec<crate::ports::NetworkPolicy>>>,
 }
 
 impl FakeNetwork {
@@ -705,7 +720,13 @@ impl FakeNetwork {
         Self {
             counters,
             fail_start: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            started: Arc::default(),
         }
+    }
+
+    /// The policies started so far.
+    pub fn policies(&self) -> Vec<crate::ports::NetworkPolicy> {
+        self.started.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
 
@@ -737,6 +758,9 @@ impl crate::ports::NetworkProxy for FakeNetwork {
         self.counters
             .networks_started
             .fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut s) = self.started.lock() {
+            s.push(policy.clone());
+        }
         Ok(crate::ports::NetworkHandle {
             vm_id,
             attachment: crate::ports::NetworkAttachment::UnixStream {
@@ -761,6 +785,10 @@ impl crate::ports::NetworkProxy for FakeNetwork {
             .networks_stopped
             .fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn restorable_shape(&self) -> Option<String> {
+        Some("sbx.net=fake".to_owned())
     }
 }
 
@@ -791,12 +819,9 @@ pub fn fake_manager_with_snapshots(
     FakeChannel,
     FakeSnapshotStore,
 ) {
-    let root = dir.join("snapshots");
-    let _ = std::fs::create_dir_all(&root);
-    let store = FakeSnapshotStore::with_root(root);
-    let (manager, counters, channel, _) =
-        build_fake_manager_with(dir, tune, false, Some(Arc::new(store.clone())));
-    (manager, counters, channel, store)
+    let f = Fakes::new().snapshots().build(dir, tune);
+    let store = f.snapshots.unwrap_or_default();
+    (f.manager, f.counters, f.channel, store)
 }
 
 /// [`fake_manager_with`] plus a [`FakeNetwork`] proxy (returned to steer it).
@@ -809,9 +834,11 @@ pub fn fake_manager_with_network(
     FakeChannel,
     FakeNetwork,
 ) {
-    let (manager, counters, channel, network) = build_fake_manager(dir, tune, true);
-    let network = network.unwrap_or_else(|| FakeNetwork::new(counters.clone()));
-    (manager, counters, channel, network)
+    let f = Fakes::new().network().build(dir, tune);
+    let network = f
+        .network
+        .unwrap_or_else(|| FakeNetwork::new(f.counters.clone()));
+    (f.manager, f.counters, f.channel, network)
 }
 
 fn build_fake_manager(
@@ -824,53 +851,106 @@ fn build_fake_manager(
     FakeChannel,
     Option<FakeNetwork>,
 ) {
-    build_fake_manager_with(dir, tune, with_network, None)
+    let f = Fakes {
+        with_network,
+        ..Fakes::new()
+    }
+    .build(dir, tune);
+    (f.manager, f.counters, f.channel, f.network)
 }
 
-fn build_fake_manager_with(
-    dir: &std::path::Path,
-    tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
+/// Which optional fakes a [`FakeSetup`] has: every port is faked; the network proxy and
+/// the snapshot store only when asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fakes {
     with_network: bool,
-    snapshots: Option<Arc<dyn crate::snapshot::SnapshotStore>>,
-) -> (
-    crate::manager::VmManager,
-    Arc<FakeCounters>,
-    FakeChannel,
-    Option<FakeNetwork>,
-) {
-    let counters = Arc::new(FakeCounters::default());
-    let assets = crate::manager::GuestAssets::in_dir(dir);
-    for p in [&assets.kernel, &assets.initramfs]
-        .into_iter()
-        .chain(assets.images.values())
-    {
-        let _ = std::fs::write(p, b"asset");
+    with_snapshots: bool,
+}
+
+/// A VM manager over the fakes, with the fakes that steer and count it.
+#[derive(Debug)]
+pub struct FakeSetup {
+    /// The manager.
+    pub manager: crate::manager::VmManager,
+    /// What every fake counts.
+    pub counters: Arc<FakeCounters>,
+    /// The guest channel (its agents).
+    pub channel: FakeChannel,
+    /// The network proxy, when asked for.
+    pub network: Option<FakeNetwork>,
+    /// The snapshot store (rooted in `dir/snapshots`), when asked for.
+    pub snapshots: Option<FakeSnapshotStore>,
+}
+
+impl Fakes {
+    /// Every required port, no network proxy, no snapshot store.
+    pub fn new() -> Self {
+        Self::default()
     }
-    let channel = FakeChannel::new(Vec::new());
-    let network = with_network.then(|| FakeNetwork::new(counters.clone()));
-    let ports = crate::manager::Ports {
-        hypervisor: Arc::new(FakeHypervisor(counters.clone())),
-        overlays: Arc::new(FakeOverlays(counters.clone())),
-        limiter: Arc::new(FakeLimiter(counters.clone())),
-        network: network
-            .clone()
-            .map(|n| Arc::new(n) as Arc<dyn crate::ports::NetworkProxy>),
-        channel: Arc::new(channel.clone()),
-        snapshots,
-    };
-    let mut cfg = crate::manager::VmManagerConfig::new(
-        assets,
-        dir.join("work"),
-        crate::ports::Accelerator::Tcg,
-    );
-    cfg.boot_timeout = Duration::from_secs(2);
-    tune(&mut cfg);
-    (
-        crate::manager::VmManager::new(cfg, ports),
-        counters,
-        channel,
-        network,
-    )
+
+    /// With a [`FakeNetwork`] proxy.
+    pub fn network(mut self) -> Self {
+        self.with_network = true;
+        self
+    }
+
+    /// With a [`FakeSnapshotStore`].
+    pub fn snapshots(mut self) -> Self {
+        self.with_snapshots = true;
+        self
+    }
+
+    /// The manager, its guest assets written into `dir`, its configuration adjusted by
+    /// `tune`.
+    pub fn build(
+        self,
+        dir: &std::path::Path,
+        tune: impl FnOnce(&mut crate::manager::VmManagerConfig),
+    ) -> FakeSetup {
+        let counters = Arc::new(FakeCounters::default());
+        let assets = crate::manager::GuestAssets::in_dir(dir);
+        for p in [&assets.kernel, &assets.initramfs]
+            .into_iter()
+            .chain(assets.images.values())
+        {
+            let _ = std::fs::write(p, b"asset");
+        }
+        let channel = FakeChannel::new(Vec::new());
+        let network = self
+            .with_network
+            .then(|| FakeNetwork::new(counters.clone()));
+        let snapshots = self.with_snapshots.then(|| {
+            let root = dir.join("snapshots");
+            let _ = std::fs::create_dir_all(&root);
+            FakeSnapshotStore::with_root(root)
+        });
+        let ports = crate::manager::Ports {
+            hypervisor: Arc::new(FakeHypervisor(counters.clone())),
+            overlays: Arc::new(FakeOverlays(counters.clone())),
+            limiter: Arc::new(FakeLimiter(counters.clone())),
+            network: network
+                .clone()
+                .map(|n| Arc::new(n) as Arc<dyn crate::ports::NetworkProxy>),
+            channel: Arc::new(channel.clone()),
+            snapshots: snapshots
+                .clone()
+                .map(|s| Arc::new(s) as Arc<dyn crate::snapshot::SnapshotStore>),
+        };
+        let mut cfg = crate::manager::VmManagerConfig::new(
+            assets,
+            dir.join("work"),
+            crate::ports::Accelerator::Tcg,
+        );
+        cfg.boot_timeout = Duration::from_secs(2);
+        tune(&mut cfg);
+        FakeSetup {
+            manager: crate::manager::VmManager::new(cfg, ports),
+            counters,
+            channel,
+            network,
+            snapshots,
+        }
+    }
 }
 
 /// Counts of what a [`FakeSnapshotStore`] was asked to do.
@@ -1166,6 +1246,12 @@ impl FakeAgent {
     /// Answers `Resume` like the agent: the entropy length is checked; `reseeded` is 0 (the
     /// fake has no REPLs), `crng_reseeds` counts the resumes.
     fn resume(&self, unix_time_ns: u64, entropy: Bytes) -> GuestMessage {
+        if self.refuse_resume.load(Ordering::SeqCst) {
+            return GuestMessage::Error {
+                kind: GuestErrorKind::Io,
+                message: "fake agent: resume refused".into(),
+            };
+        }
         if let Err(message) = guest_proto::limits::validate_resume_entropy(&entropy) {
             return GuestMessage::Error {
                 kind: GuestErrorKind::Request,

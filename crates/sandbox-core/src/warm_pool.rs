@@ -22,7 +22,8 @@ use tracing::{debug, warn};
 use crate::Language;
 use crate::admission::{Admission, AdmissionPermit};
 use crate::error::{ErrorKind, TransientCause};
-use crate::manager::{Vm, VmManager, VmOptions};
+use crate::manager::{VmManager, VmOptions};
+use crate::vm::Vm;
 
 /// Warm pool settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,7 +316,7 @@ async fn boot_one(inner: &Inner, language: Language) -> std::result::Result<Pool
             .exec(
                 language,
                 &crate::request::ExecRequest::new(code),
-                &crate::ops::OutputCallbacks::default(),
+                &crate::vm::ops::OutputCallbacks::default(),
             )
             .await?;
         if r.exit_code != 0 {

@@ -64,6 +64,65 @@ fn manifest_summary(dir: &Path) -> String {
     }
 }
 
+/// The L1 snapshot store: off, or its dir, what it holds, and whether QEMU's user can
+/// reach it (clones map the published RAM files).
+async fn snapshots_check(cfg: &SbxConfig, host: &probes::HostReport) -> Check {
+    use sandbox_core::snapshot::SnapshotStore as _;
+    let fix = Some(
+        "make the dir reachable by QEMU's user (`sbx setup` does for the default \
+         ~/.cache/sbx/snapshots), or set SBX_SNAPSHOTS=0",
+    );
+    let Some(dir) = &cfg.snapshot_dir else {
+        return check(
+            "snapshots",
+            true,
+            "off (SBX_SNAPSHOTS=0): every VM boots cold".to_owned(),
+            None,
+        );
+    };
+    let store = match snapshot_store::FsSnapshotStore::open(dir.clone()) {
+        Ok(store) => store,
+        Err(e) => return check("snapshots", false, format!("{}: {e}", dir.display()), fix),
+    };
+    let held = match store.list().await {
+        Ok(entries) => {
+            let bytes: u64 = entries
+                .iter()
+                .filter_map(|e| e.manifest.as_ref())
+                .map(|m| m.ram.size + m.state.size)
+                .sum();
+            format!("{} published, {} MiB", entries.len(), bytes >> 20)
+        }
+        Err(e) => format!("cannot list: {e}"),
+    };
+    let reach = match host.qemu_run_as() {
+        Some(user) => {
+            match probes::host::access_gaps(user, &[(dir.clone(), probes::host::Access::Search)])
+                .await
+            {
+                Ok(gaps) if gaps.is_empty() => Ok(format!("reachable by {}", user.name)),
+                Ok(gaps) => Err(crate::setup::describe_gaps(&user.name, &gaps)),
+                Err(e) => Err(format!("cannot check {}'s access: {e}", user.name)),
+            }
+        }
+        None => Ok("QEMU runs as this process's user".to_owned()),
+    };
+    match reach {
+        Ok(reach) => check(
+            "snapshots",
+            true,
+            format!("{} ({held}; {reach})", dir.display()),
+            None,
+        ),
+        Err(gap) => check(
+            "snapshots",
+            false,
+            format!("{} ({held}): {gap}", dir.display()),
+            fix,
+        ),
+    }
+}
+
 /// Builds the report for `cfg`.
 pub async fn doctor(cfg: &SbxConfig) -> DoctorReport {
     let host = probes::host_report().await.clone();
@@ -140,6 +199,7 @@ pub async fn doctor(cfg: &SbxConfig) -> DoctorReport {
         qemu_user.describe(),
         Some("run `sbx setup` as root (creates sbx-qemu, grants it access to the assets)"),
     ));
+    checks.push(snapshots_check(cfg, &host).await);
     checks.push(check(
         "warm_pool",
         true,

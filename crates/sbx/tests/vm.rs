@@ -16,7 +16,7 @@ use sandbox_core::{
 use sbx::Sbx;
 
 mod common;
-use common::{config, qemu_count, qemu_pids, vm_dirs, wait_no_qemu, work_dir};
+use common::{config, qemu_count, qemu_pids, snapshot_dir, vm_dirs, wait_no_qemu, work_dir};
 
 async fn sbx(warm: usize) -> Sbx {
     Sbx::start(config(warm)).await.expect("sbx starts")
@@ -738,15 +738,6 @@ async fn capacity_waits_show_in_admission_ms() {
 }
 
 /// A snapshot dir of this test binary's own, readable by QEMU's user.
-fn snapshot_dir(name: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = std::path::PathBuf::from(format!("{}-snap-{name}", work_dir().display()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
-}
-
 /// Issue 13 §2/§5: the first run of a kind boots cold and creates its L1 snapshot in the
 /// background; later runs restore from it, and say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

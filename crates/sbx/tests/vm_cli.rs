@@ -694,3 +694,57 @@ fn sigterm_stops_sbx_run_and_destroys_its_vm() {
     assert_eq!(status.code(), Some(130), "{}", stderr.join().unwrap());
     assert_cleaned_up();
 }
+
+/// `sbx doctor --json`'s check of the snapshot store named `snapshots`.
+fn doctor_snapshots(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.args(["doctor", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "snapshots")
+        .cloned()
+        .unwrap_or_else(|| panic!("no snapshots check in {report}"))
+}
+
+/// `sbx doctor` says whether L1 snapshots are on, where they are, what they hold, and
+/// fails when QEMU's user cannot reach the dir (clones could not map the RAM files).
+#[test]
+#[ignore = "needs the host set up: cargo xtask itest"]
+fn doctor_reports_the_snapshot_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let off = doctor_snapshots(&mut sbx_cli("error"));
+    assert_eq!(off["ok"], true, "{off}");
+    assert!(off["detail"].as_str().unwrap().starts_with("off"), "{off}");
+
+    let open = common::snapshot_dir("doctor-open");
+    let on = doctor_snapshots(
+        sbx_cli("error")
+            .env_remove("SBX_SNAPSHOTS")
+            .env("SBX_SNAPSHOT_DIR", &open),
+    );
+    assert_eq!(on["ok"], true, "{on}");
+    let detail = on["detail"].as_str().unwrap();
+    assert!(detail.contains(&*open.to_string_lossy()), "{detail}");
+    assert!(detail.contains("0 published"), "{detail}");
+
+    // A dir only its owner can enter: fatal when QEMU runs as another user.
+    let closed = common::snapshot_dir("doctor-closed");
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let r = doctor_snapshots(
+        sbx_cli("error")
+            .env_remove("SBX_SNAPSHOTS")
+            .env("SBX_SNAPSHOT_DIR", &closed),
+    );
+    let dedicated = detail.contains("reachable by");
+    assert_eq!(r["ok"], !dedicated, "{r}");
+    if dedicated {
+        assert!(r["detail"].as_str().unwrap().contains("cannot"), "{r}");
+    } else {
+        eprintln!("QEMU runs as this process's user here: any dir it owns is reachable");
+    }
+    let _ = std::fs::remove_dir_all(open);
+    let _ = std::fs::remove_dir_all(closed);
+}

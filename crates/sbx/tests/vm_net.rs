@@ -23,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+mod common;
+
 fn config(network: Option<ProxyConfig>) -> SbxConfig {
     let mut cfg = SbxConfig::from_env();
     cfg.snapshot_dir = None;
@@ -818,5 +820,108 @@ console.log(ended);
         accepted.try_recv().is_err(),
         "one connection, one ClientHello"
     );
+    sbx.stop().await;
+}
+
+/// Issue 13 §4: a networked VM restored from an L1 snapshot gets its own proxy with its
+/// own policy. The snapshot is made once (from an allowlist run) and serves a session with
+/// another allowlist and a port forward: the allowed TLS name is reached, port 80 of it is
+/// refused, and a server in the guest answers on the forwarded host port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn restored_vms_get_their_own_proxy_policy_and_forwards() {
+    let (port, mut accepted) = hello_server().await;
+    let mut cfg = config(Some(aliased_test_proxy(
+        &["allowed.test", "other.test"],
+        port,
+    )));
+    cfg.work_dir = common::work_dir().to_path_buf();
+    cfg.snapshot_dir = Some(common::snapshot_dir("net"));
+    let sbx = Sbx::start(cfg).await.expect("sbx starts");
+
+    let mut req = RunRequest::new(Language::Python, "print('warm')");
+    req.timeout_secs = 60;
+    req.network.allow_network = true;
+    req.network.allowed_domains = vec!["other.test".into()];
+    let r = sbx
+        .scheduler()
+        .run(req, RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.vm_start, sandbox_core::result::VmStart::Cold);
+    assert!(
+        sbx.scheduler()
+            .wait_background(Duration::from_secs(180))
+            .await,
+        "the snapshot of networked python VMs was not made"
+    );
+
+    let mut req = SessionRequest::new(Language::Python);
+    req.network.allow_network = true;
+    req.network.allowed_domains = vec!["allowed.test".into()];
+    req.network.expose_ports = vec![PortMapping::tcp(8000)];
+    let s = sbx
+        .scheduler()
+        .session(req, RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.vm_start(), sandbox_core::result::VmStart::Snapshot);
+    let forwarded = s.exposed_ports()[0].external;
+
+    let probe = format!(
+        "{PY_PROBES}\nPORT = {port}\n{}",
+        r#"
+import ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+probe_dns("allowed.test")
+probe_dns("other.test")
+try:
+    with socket.create_connection(("allowed.test", PORT), timeout=3) as s:
+        print("tcp connected", s.getpeername()[0])
+        try:
+            ctx.wrap_socket(s, server_hostname="allowed.test")
+        except (ssl.SSLError, OSError) as e:
+            print("tls ended", type(e).__name__)
+except OSError as e:
+    print("tcp fail", type(e).__name__)
+probe_connect("allowed.test", 80)
+"#
+    );
+    let r = exec(&s, &probe).await;
+    assert_reached_allowed_test(&mut accepted, &r.stdout).await;
+    // other.test resolves on the host and was allowed for the saved VM: the clone has its
+    // own allowlist.
+    assert_lines(&r.stdout, &["dns other.test fail"]);
+    assert!(
+        r.stdout.contains("connect allowed.test:80 fail"),
+        "{}",
+        r.stdout
+    );
+
+    exec(
+        &s,
+        r#"
+import os, socket, time
+open("index.html", "w").write("hello from a restored guest\n")
+os.system("nohup python3 -m http.server 8000 --bind 0.0.0.0 >/tmp/http.log 2>&1 &")
+deadline = time.time() + 20
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", 8000), timeout=1).close()
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.05)
+"#,
+    )
+    .await;
+    let resp = http_get(forwarded, "/index.html").await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    assert!(text.ends_with("hello from a restored guest\n"), "{text}");
+    s.close().await;
     sbx.stop().await;
 }

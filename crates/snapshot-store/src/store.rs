@@ -18,7 +18,6 @@ use sandbox_core::snapshot::{
 use sandbox_core::{
     Snapshot, SnapshotDraft, SnapshotEntry, SnapshotKey, SnapshotManifest, SnapshotStore,
 };
-use sha2::{Digest as _, Sha256};
 
 use crate::error::SnapshotStoreError;
 use crate::layout::{
@@ -34,8 +33,6 @@ const PUBLISHED_FILE_MODE: u32 = 0o444;
 const DIR_MODE: u32 = 0o755;
 /// Mode of draft files before publication (the caller grants the QEMU user access).
 const DRAFT_FILE_MODE: u32 = 0o600;
-/// Read buffer for hashing.
-const HASH_CHUNK: usize = 1 << 20;
 
 /// What identifies a file's content cheaply: if none of it changed since the file was
 /// hashed, the file is taken as unchanged. (ctime too: unlike mtime it cannot be set back,
@@ -202,20 +199,7 @@ fn open_nofollow(path: &Path) -> std::io::Result<File> {
 
 /// Reads `file` to the end, returning its size and SHA-256.
 fn hash_file(file: &mut File) -> std::io::Result<(u64, Sha256Digest)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_CHUNK];
-    let mut total: u64 = 0;
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
-        };
-        hasher.update(&buf[..n]);
-        total = total.saturating_add(n as u64);
-    }
-    Ok((total, Sha256Digest(hasher.finalize().into())))
+    sandbox_core::snapshot::hash_reader(file)
 }
 
 /// Reads and parses a manifest, bounded, and checks it belongs to `key`.

@@ -37,6 +37,17 @@ pub fn config(warm: usize) -> SbxConfig {
     cfg
 }
 
+/// An empty snapshot dir of this test binary named `name`, readable by QEMU's user (its
+/// clones map the published RAM files).
+pub fn snapshot_dir(name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::PathBuf::from(format!("{}-snap-{name}", work_dir().display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 /// QEMU processes (not their `unshare` wrappers) of this test binary's VMs.
 pub fn qemu_pids() -> Vec<u32> {
     let needle = work_dir().to_string_lossy().into_owned();

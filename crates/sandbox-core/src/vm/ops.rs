@@ -1,5 +1,6 @@
 //! Operations on a running VM over its guest connection: exec with streamed output,
-//! file write/read/list, REPL warm-up.
+//! file write/read/list, REPL warm-up, and the two halves of a memory snapshot: saving a
+//! VM and resuming a restored clone.
 //!
 //! Error semantics: a failure to send the request means the code never ran (transient);
 //! losing the transport after the request went out means the outcome is unknown.
@@ -13,16 +14,17 @@ use bytes::Bytes;
 use guest_proto::{
     DirEntry, ExecRequest as WireExec, GuestErrorKind, GuestMessage, HostMessage, Sha256Hasher,
 };
+use std::path::PathBuf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::warn;
 
+use tracing::{debug, warn};
+
+use super::{Vm, VmState};
 use crate::Language;
-use crate::error::{Error, ErrorKind, Result, TransientCause};
-use crate::manager::Vm;
-use crate::ports::{AgentInfo, GuestConnection, OpStream};
+use crate::error::{Error, ErrorKind, PermanentCause, Result, TransientCause};
+use crate::ports::{AgentInfo, ControlCommand, GuestConnection, OpStream};
 use crate::request::ExecRequest;
 use crate::result::millis;
-use crate::vm::VmState;
 
 /// Extra time past the exec timeout before the host gives up on the guest.
 pub const HARD_DEADLINE_GRACE: Duration = Duration::from_secs(10);
@@ -607,5 +609,34 @@ impl Vm {
                 "lost the connection to the guest during resume".to_owned(),
             )),
         }
+    }
+}
+
+/// How long the agent gets to notice the host hung up before the VM is paused and saved.
+const QUIET_BEFORE_SAVE: Duration = Duration::from_millis(200);
+
+impl Vm {
+    /// Saves a VM booted with its RAM in a shared file: closes the guest connection,
+    /// pauses the VM and writes its device state. Returns the RAM and state files (in the
+    /// VM's work dir, valid until it is destroyed). The VM stays paused.
+    pub(crate) async fn save(&self) -> Result<(PathBuf, PathBuf)> {
+        let Some((ram, state)) = self.saveable_files() else {
+            return Err(Error::permanent(
+                PermanentCause::Internal,
+                "this VM was not booted to be saved",
+            )
+            .with_vm(self.id()));
+        };
+        // No guest connection may be open in a snapshot: every clone gets its own.
+        self.conn().close().await;
+        tokio::time::sleep(QUIET_BEFORE_SAVE).await;
+        self.process()
+            .control(ControlCommand::Save {
+                state: state.clone(),
+            })
+            .await
+            .map_err(|e| e.with_vm(self.id()).with_operation("save"))?;
+        debug!(vm_id = %self.id(), "VM saved");
+        Ok((ram, state))
     }
 }
