@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs the host packages sbx needs on Debian 12 (bookworm): QEMU 10 from
 # bookworm-backports, image and kernel build tools, and the interpreters the guest agent's
-# host-side tests run against. Idempotent; does nothing that is already done.
+# host-side tests run against, and python3-venv for the Python client's tests. Idempotent; does nothing that is already done.
 set -euo pipefail
 
 PKGS_BACKPORTS=(qemu-system-x86 qemu-utils)
 PKGS=(linux-source-6.1 flex bison bc libelf-dev libssl-dev dwarves mmdebstrap erofs-utils
-      cpio zstd file busybox-static python3 python3-pip nodejs npm bash acl patch e2fsprogs)
+      cpio zstd file busybox-static python3 python3-pip python3-venv nodejs npm bash acl patch e2fsprogs)
 
 missing=()
 for p in "${PKGS[@]}" "${PKGS_BACKPORTS[@]}"; do

@@ -16,6 +16,19 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "cargo test"
 cargo test --workspace --locked
+cargo build --locked -q -p sbx
+SBX_BIN="$PWD/target/debug/sbx"
+export SBX_BIN
+
+# The Python client (clients/python): installed from its directory into a venv under
+# target/ (its dependencies come from PyPI), typed with mypy --strict, and its fast tests
+# (mocked transport, and its fields against `sbx openapi`).
+step "python client: install, mypy --strict, pytest (no VM)"
+PY=target/pyenv/bin/python
+[ -x "$PY" ] || python3 -m venv target/pyenv
+"$PY" -m pip install -q --upgrade "./clients/python[test]"
+(cd clients/python && ../../"$PY" -m mypy)
+"$PY" -m pytest -q -p no:cacheprovider -m "not vm" clients/python/tests
 
 # VM checks under TCG (KVM only where the probe proves a guest runs). The assets are
 # content-keyed in ~/.cache/sbx/assets: unchanged inputs rebuild nothing.
@@ -34,3 +47,6 @@ cargo xtask boot-smoke --image all
 
 step "cargo xtask itest"
 cargo xtask itest
+
+step "python client against real microVMs (pytest -m vm)"
+"$PY" -m pytest -q -p no:cacheprovider -m vm clients/python/tests

@@ -31,6 +31,8 @@ pub enum Section {
     Throughput,
     /// L1 snapshots: restore to first result and idle memory, beside cold VMs.
     Snapshot,
+    /// The Python client beside raw HTTP: session exec p50 (`clients/python`).
+    Client,
 }
 
 /// How many samples to take.
@@ -211,6 +213,12 @@ pub async fn run(assets: &Assets, size: BenchSize, only: &[Section]) -> Result<V
         .await?;
     }
     sbx.stop().await;
+    if want(Section::Client) {
+        report.insert(
+            "python_client".into(),
+            crate::bench_client::run(assets, size.session_execs)?,
+        );
+    }
     if want(Section::Warm) {
         warm_pool(&cfg, size, &mut report).await?;
     }

@@ -9,5 +9,6 @@
 pub mod assets;
 pub mod baseline;
 pub mod bench;
+pub mod bench_client;
 pub mod bench_net;
 pub mod smoke;

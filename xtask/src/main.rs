@@ -46,6 +46,12 @@ enum Cmd {
         /// Extra arguments for the test binary (e.g. a test name filter).
         args: Vec<String>,
     },
+    /// Man pages of the `sbx` CLI (clap_mangen) into target/man (or --out).
+    Man {
+        /// Output directory [default: target/man].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Benchmarks: JSON on stdout and in target/bench/latest.json.
     Bench {
         /// A short pass (fewer samples), to check the bench itself.
@@ -68,6 +74,8 @@ const VM_TEST_BINARIES: &[&str] = &[
     "vm_cli",
     "vm_guest",
     "vm_packages",
+    "vm_mcp",
+    "vm_session",
 ];
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -112,6 +120,17 @@ fn main() -> anyhow::Result<()> {
                 .env("SBX_ASSETS_DIR", &found.dir)
                 .status()?;
             anyhow::ensure!(status.success(), "VM integration tests failed");
+            Ok(())
+        }
+        Cmd::Man { out } => {
+            let out = out.unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/man")
+            });
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["run", "-q", "--locked", "-p", "sbx", "--", "man-pages"])
+                .arg(&out)
+                .status()?;
+            anyhow::ensure!(status.success(), "sbx man-pages failed");
             Ok(())
         }
         Cmd::Bench { quick, only, dir } => {

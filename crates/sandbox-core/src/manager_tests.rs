@@ -519,6 +519,43 @@ async fn exec_streams_and_maps_outcomes() {
 }
 
 #[tokio::test]
+async fn a_dropped_exec_is_cancelled_in_the_guest_and_the_vm_stays_usable() {
+    use crate::request::ExecRequest;
+    use crate::vm::ops::OutputCallbacks;
+
+    let h = harness(vec![], vec![], false, false, 4);
+    let vm = h
+        .manager
+        .create_vm(VmOptions::new(Language::Python))
+        .await
+        .unwrap();
+    let cbs = OutputCallbacks::default();
+    let agent = h.channel.last_agent().unwrap();
+    // Finished execs send no cancel.
+    vm.exec(Language::Python, &ExecRequest::new("exit 0"), &cbs)
+        .await
+        .unwrap();
+    assert_eq!(agent.cancels(), 0);
+    // The caller gives up (Ctrl-C, a client that hung up): the future is dropped.
+    let hung = tokio::time::timeout(
+        Duration::from_millis(50),
+        vm.exec(Language::Python, &ExecRequest::new("hang"), &cbs),
+    )
+    .await;
+    assert!(hung.is_err());
+    settle().await;
+    assert_eq!(agent.cancels(), 1);
+    assert_eq!(vm.state(), VmState::Ready);
+    let out = vm
+        .exec(Language::Python, &ExecRequest::new("exit 3"), &cbs)
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 3);
+    assert_eq!(agent.cancels(), 1);
+    vm.destroy().await;
+}
+
+#[tokio::test]
 async fn files_round_trip_with_digest_checks() {
     let h = harness(vec![], vec![], false, false, 4);
     let vm = h

@@ -225,6 +225,7 @@ struct AgentState {
     vars: HashMap<String, String>,
     execs: Vec<String>,
     resumes: Vec<(u64, Bytes)>,
+    cancels: Vec<OpId>,
 }
 
 /// An in-process guest agent.
@@ -272,6 +273,14 @@ impl FakeAgent {
             s.streams.clear();
             s.pending_writes.clear();
         }
+    }
+
+    /// `Cancel` frames received so far.
+    pub fn cancels(&self) -> usize {
+        self.state
+            .lock()
+            .map(|s| s.cancels.len())
+            .unwrap_or_default()
     }
 
     /// Codes executed so far.
@@ -510,6 +519,7 @@ impl GuestConnection for FakeAgent {
                     }
                 }
                 HostMessage::Cancel => {
+                    s.cancels.push(op_id);
                     s.pending_writes.remove(&op_id);
                     if let Some(tx) = s.streams.remove(&op_id) {
                         reply = Some((

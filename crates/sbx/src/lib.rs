@@ -45,6 +45,8 @@ use sandbox_core::{
 use serde::Serialize;
 
 pub mod doctor;
+pub mod mcp;
+pub mod repl;
 pub mod serve;
 pub mod setup;
 

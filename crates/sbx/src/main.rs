@@ -26,8 +26,122 @@ const EXIT_INTERRUPTED: i32 = 130;
 #[derive(Debug, Parser)]
 #[command(name = "sbx", version, about, long_about = None)]
 struct Cli {
+    #[command(flatten)]
+    settings: Settings,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// Settings of every command that starts VMs: each is a flag and an `SBX_*` variable (the
+/// flag wins), validated by clap either way (a bad value is a usage error, exit 2).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Settings (each also an SBX_* variable; the flag wins)")]
+struct Settings {
+    /// Guest assets directory [default: ~/.cache/sbx/assets].
+    #[arg(
+        long,
+        global = true,
+        env = "SBX_ASSETS_DIR",
+        value_name = "DIR",
+        hide_env_values = true
+    )]
+    assets_dir: Option<std::ffi::OsString>,
+    /// Per-VM scratch directory [default: /tmp/sbx-<uid>].
+    #[arg(
+        long,
+        global = true,
+        env = "SBX_WORK_DIR",
+        value_name = "DIR",
+        hide_env_values = true
+    )]
+    work_dir: Option<std::ffi::OsString>,
+    /// Warm VMs kept booted per language [default: 0].
+    #[arg(
+        long,
+        global = true,
+        env = "SBX_WARM_POOL",
+        value_name = "N",
+        hide_env_values = true
+    )]
+    warm_pool: Option<usize>,
+    /// Most VMs alive at once [default: 32].
+    #[arg(long, global = true, env = "SBX_MAX_VMS", value_name = "N", hide_env_values = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_vms: Option<u32>,
+    /// L1 snapshots (on/off, true/false, 1/0) [default: on].
+    #[arg(long, global = true, env = "SBX_SNAPSHOTS", value_name = "BOOL", hide_env_values = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    snapshots: Option<bool>,
+    /// Where L1 snapshots are kept [default: ~/.cache/sbx/snapshots].
+    #[arg(
+        long,
+        global = true,
+        env = "SBX_SNAPSHOT_DIR",
+        value_name = "DIR",
+        hide_env_values = true
+    )]
+    snapshot_dir: Option<std::ffi::OsString>,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `sbx=debug`)
+    /// [default: error; info for serve].
+    #[arg(long = "log", global = true, env = "SBX_LOG", value_name = "FILTER", hide_env_values = true,
+          value_parser = parse_log_filter)]
+    log: Option<String>,
+}
+
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+impl Settings {
+    /// The library's configuration: the defaults (`SbxConfig::from_env`) with these
+    /// settings applied.
+    fn config(&self) -> SbxConfig {
+        // An empty path is unset, as it always was for the variables.
+        let path = |v: &Option<std::ffi::OsString>| {
+            v.as_ref().filter(|v| !v.is_empty()).map(PathBuf::from)
+        };
+        let mut cfg = SbxConfig::from_env();
+        if let Some(d) = path(&self.assets_dir) {
+            cfg.assets_dir = d;
+        }
+        if let Some(d) = path(&self.work_dir) {
+            cfg.work_dir = d;
+        }
+        if let Some(n) = self.warm_pool {
+            cfg.warm_pool_size = n;
+            cfg.scheduler.warm_pool_size = n;
+        }
+        if let Some(n) = self.max_vms {
+            cfg.max_vms = n as usize;
+        }
+        if let Some(d) = path(&self.snapshot_dir) {
+            cfg.snapshot_dir = Some(d);
+        }
+        if self.snapshots == Some(false) {
+            cfg.snapshot_dir = None;
+        }
+        cfg
+    }
+}
+
+/// `SBX_FORCE_TCG` is read by the host probes; a value that is not a boolean is a usage
+/// error rather than silently "off".
+fn check_force_tcg() -> Result<(), String> {
+    match std::env::var("SBX_FORCE_TCG") {
+        Ok(v) if !v.trim().is_empty() => {
+            let v = v.trim().to_ascii_lowercase();
+            if ["1", "0", "true", "false", "yes", "no", "on", "off"].contains(&v.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "SBX_FORCE_TCG={v:?}: expected 1/0, true/false, yes/no or on/off"
+                ))
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +164,25 @@ enum Cmd {
     /// Serve the HTTP API (bearer token required unless --no-auth on loopback).
     Serve(Box<sbx::serve::ServeArgs>),
     // --- end sbx serve ---
+    /// An interactive session on this terminal: one VM, its interpreter state kept across
+    /// inputs (Ctrl-C interrupts an exec, Ctrl-D closes the session).
+    #[command(visible_alias = "repl")]
+    Session(Box<sbx::repl::SessionArgs>),
+    /// Serve the Model Context Protocol on stdin/stdout (tools: run code, sessions, files).
+    Mcp,
+    /// Print the HTTP API's OpenAPI 3.1 document (what `GET /v1/openapi.json` answers).
+    Openapi,
+    /// Print a shell completion script (e.g. `sbx completions bash > /etc/bash_completion.d/sbx`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (sbx.1 and one per subcommand) into DIR (`cargo xtask man`).
+    #[command(hide = true)]
+    ManPages {
+        /// Output directory (created).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,15 +256,46 @@ struct RunArgs {
     no_package_allowlist: bool,
 }
 
-/// Inserts `run` when the first argument is not a subcommand or a top-level flag.
+/// The settings flags that take a value (they may come before the subcommand).
+const SETTING_FLAGS: &[&str] = &[
+    "--assets-dir",
+    "--work-dir",
+    "--warm-pool",
+    "--max-vms",
+    "--snapshots",
+    "--snapshot-dir",
+    "--log",
+];
+
+/// Inserts `run` when the first argument after any settings flags is not a subcommand or a
+/// top-level flag.
 fn normalize_args(mut args: Vec<String>) -> Vec<String> {
-    if let Some(first) = args.get(1) {
+    let mut i = 1;
+    while let Some(a) = args.get(i) {
+        if SETTING_FLAGS.contains(&a.as_str()) {
+            i += 2;
+        } else if SETTING_FLAGS
+            .iter()
+            .any(|f| a.starts_with(&format!("{f}=")))
+        {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    if let Some(first) = args.get(i) {
         let known = [
             "run",
             "doctor",
             "setup",
             "cache",
             "serve",
+            "openapi",
+            "mcp",
+            "completions",
+            "man-pages",
+            "session",
+            "repl",
             "help",
             "-h",
             "--help",
@@ -139,7 +303,7 @@ fn normalize_args(mut args: Vec<String>) -> Vec<String> {
             "--version",
         ];
         if !known.contains(&first.as_str()) {
-            args.insert(1, "run".to_owned());
+            args.insert(i, "run".to_owned());
         }
     }
     args
@@ -241,43 +405,26 @@ fn error_status(e: &Error) -> i32 {
     }
 }
 
-/// A progress line on stderr while a VM boots (terminal only).
-struct Spinner {
-    stop: Arc<AtomicBool>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
+/// A progress line on stderr while a VM boots (terminal only; indicatif).
+struct Spinner(indicatif::ProgressBar);
 
 impl Spinner {
     fn start(enabled: bool, label: &'static str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = enabled.then(|| {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let frames = ["⠋", "⠙", "⠹", "⠸", "⠼", "⠴", "⠦", "⠧", "⠇", "⠏"];
-                let started = std::time::Instant::now();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    eprint!(
-                        "\r{} {label} {:.1}s",
-                        frames[i % frames.len()],
-                        started.elapsed().as_secs_f32()
-                    );
-                    let _ = std::io::stderr().flush();
-                    i += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                eprint!("\r\x1b[2K");
-                let _ = std::io::stderr().flush();
-            })
-        });
-        Self { stop, task }
+        if !enabled {
+            return Self(indicatif::ProgressBar::hidden());
+        }
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            bar.set_style(style.tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏ "));
+        }
+        bar.set_message(label);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        Self(bar)
     }
 
-    async fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
+    async fn finish(self) {
+        self.0.finish_and_clear();
     }
 }
 
@@ -384,7 +531,7 @@ fn expand_tilde(p: &str) -> PathBuf {
     }
 }
 
-async fn cmd_run(args: RunArgs) -> i32 {
+async fn cmd_run(args: RunArgs, cfg: SbxConfig) -> i32 {
     let sources = match load_sources(&args) {
         Ok(s) => s,
         Err(e) => return usage(e),
@@ -450,9 +597,9 @@ async fn cmd_run(args: RunArgs) -> i32 {
 
     let show_progress = !args.quiet && !args.json && std::io::stderr().is_terminal();
     let spinner = Spinner::start(show_progress, "starting sandbox");
-    let mut sbx_cfg = SbxConfig::from_env();
-    sbx_cfg.package_allowlist = allowlist_setting;
-    let sbx = match Sbx::start(sbx_cfg).await {
+    let mut cfg = cfg;
+    cfg.package_allowlist = allowlist_setting;
+    let sbx = match Sbx::start(cfg).await {
         Ok(s) => Arc::new(s),
         Err(e) => {
             spinner.finish().await;
@@ -494,7 +641,7 @@ async fn cmd_run(args: RunArgs) -> i32 {
     };
     let results = tokio::select! {
         r = work => r,
-        _ = tokio::signal::ctrl_c() => {
+        () = interrupted() => {
             eprintln!("\nsbx: interrupted, cleaning up");
             sbx.stop().await;
             return EXIT_INTERRUPTED;
@@ -552,7 +699,7 @@ async fn cmd_run(args: RunArgs) -> i32 {
     // (bounded; Ctrl-C skips it) so the next `sbx run` restores instead of booting.
     tokio::select! {
         _ = sbx.scheduler().wait_background(SNAPSHOT_WAIT) => {}
-        _ = tokio::signal::ctrl_c() => {}
+        () = interrupted() => {}
     }
     sbx.stop().await;
     if any_timeout && status < EXIT_SANDBOX {
@@ -564,24 +711,34 @@ async fn cmd_run(args: RunArgs) -> i32 {
 /// How long `sbx run` waits, after its output, for a snapshot being made.
 const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Runs every future on its own task (a `JoinSet`: dropping it, as on Ctrl-C, aborts them
+/// all) and returns their outputs in the order given.
 async fn futures_join<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
 where
     F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        match h.await {
-            Ok(v) => out.push(v),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+    let mut set = tokio::task::JoinSet::new();
+    for (i, f) in futs.enumerate() {
+        set.spawn(async move { (i, f.await) });
+    }
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(set.len()).collect();
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((i, v)) => {
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = Some(v);
+                }
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
         }
     }
-    out
+    out.into_iter().flatten().collect()
 }
 
-async fn cmd_doctor(json: bool) -> i32 {
-    let report = sbx::doctor::doctor(&SbxConfig::from_env()).await;
+async fn cmd_doctor(json: bool, cfg: SbxConfig) -> i32 {
+    let report = sbx::doctor::doctor(&cfg).await;
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
@@ -593,8 +750,8 @@ async fn cmd_doctor(json: bool) -> i32 {
     if report.ok { 0 } else { 1 }
 }
 
-async fn cmd_setup() -> i32 {
-    match sbx::setup::setup(&SbxConfig::from_env()).await {
+async fn cmd_setup(cfg: SbxConfig) -> i32 {
+    match sbx::setup::setup(&cfg).await {
         Ok(lines) => {
             for l in lines {
                 println!("sbx setup: {l}");
@@ -650,6 +807,46 @@ fn cmd_cache(cmd: CacheCmd) -> i32 {
     0
 }
 
+/// `sbx.1` and `sbx-<subcommand>.1` for every visible subcommand; how many were written.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut n = 0;
+    let mut write = |name: String, cmd: clap::Command| -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.bin_name(name.replacen('-', " ", 1)))
+            .title(name.to_uppercase())
+            .render(&mut buf)?;
+        std::fs::write(dir.join(format!("{name}.1")), buf)?;
+        n += 1;
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("sbx-{}", sub.get_name());
+        write(name, sub.clone())?;
+    }
+    write("sbx".to_owned(), cmd)?;
+    Ok(n)
+}
+
+/// Ctrl-C or SIGTERM (what `kill`, systemd and container runtimes send): either way
+/// `sbx run` destroys its VMs before it exits.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 fn main() {
     let args = normalize_args(std::env::args().collect());
     let cli = match Cli::try_parse_from(args) {
@@ -663,7 +860,11 @@ fn main() {
     let debug = matches!(&cli.cmd, Cmd::Run(a) if a.debug);
     // `sbx serve` logs one access line per request at info.
     let serving = matches!(&cli.cmd, Cmd::Serve(_));
-    let filter = std::env::var("SBX_LOG").unwrap_or_else(|_| {
+    if let Err(e) = check_force_tcg() {
+        std::process::exit(usage(e));
+    }
+    let cfg = cli.settings.config();
+    let filter = cli.settings.log.clone().unwrap_or_else(|| {
         if debug {
             "debug".into()
         } else if serving {
@@ -688,11 +889,32 @@ fn main() {
     };
     let code = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Run(args) => cmd_run(*args).await,
-            Cmd::Doctor { json } => cmd_doctor(json).await,
-            Cmd::Setup => cmd_setup().await,
+            Cmd::Run(args) => cmd_run(*args, cfg).await,
+            Cmd::Doctor { json } => cmd_doctor(json, cfg).await,
+            Cmd::Setup => cmd_setup(cfg).await,
             Cmd::Cache(c) => cmd_cache(c),
-            Cmd::Serve(args) => sbx::serve::cli::main(*args).await,
+            Cmd::Serve(args) => sbx::serve::cli::main_with(*args, cfg).await,
+            Cmd::Session(args) => sbx::repl::main(*args, cfg).await,
+            Cmd::Mcp => sbx::mcp::main(cfg).await,
+            Cmd::Completions { shell } => {
+                use clap::CommandFactory;
+                clap_complete::generate(shell, &mut Cli::command(), "sbx", &mut std::io::stdout());
+                0
+            }
+            Cmd::ManPages { dir } => match write_man_pages(&dir) {
+                Ok(n) => {
+                    eprintln!("sbx: wrote {n} man pages to {}", dir.display());
+                    0
+                }
+                Err(e) => {
+                    eprintln!("sbx: writing man pages to {}: {e}", dir.display());
+                    EXIT_SANDBOX
+                }
+            },
+            Cmd::Openapi => {
+                println!("{}", sbx::serve::openapi::document_json());
+                0
+            }
         }
     });
     drop(rt);
@@ -715,6 +937,42 @@ mod tests {
         assert_eq!(normalize_args(v(&["sbx", "serve"]))[1], "serve");
         assert_eq!(normalize_args(v(&["sbx", "--help"]))[1], "--help");
         assert_eq!(normalize_args(v(&["sbx"])).len(), 1);
+        assert_eq!(
+            normalize_args(v(&["sbx", "--max-vms", "2", "doctor"])),
+            v(&["sbx", "--max-vms", "2", "doctor"])
+        );
+        assert_eq!(
+            normalize_args(v(&["sbx", "--log=info", "--snapshots", "off", "print(1)"])),
+            v(&["sbx", "--log=info", "--snapshots", "off", "run", "print(1)"])
+        );
+    }
+
+    #[test]
+    fn settings_are_flags_and_variables_and_validated() {
+        let parse = |args: &[&str]| Cli::try_parse_from(normalize_args(v(args)));
+        let cli = parse(&["sbx", "--max-vms", "3", "--warm-pool", "1", "doctor"]).unwrap();
+        let cfg = cli.settings.config();
+        assert_eq!((cfg.max_vms, cfg.warm_pool_size), (3, 1));
+        assert_eq!(cfg.scheduler.warm_pool_size, 1);
+        let cli = parse(&["sbx", "run", "--snapshots", "off", "--work-dir", "/w", "1"]).unwrap();
+        let cfg = cli.settings.config();
+        assert!(cfg.snapshot_dir.is_none());
+        assert_eq!(cfg.work_dir, std::path::Path::new("/w"));
+        let cli = parse(&["sbx", "--snapshot-dir", "/s", "doctor"]).unwrap();
+        assert_eq!(
+            cli.settings.config().snapshot_dir.as_deref(),
+            Some(std::path::Path::new("/s"))
+        );
+        for bad in [
+            &["sbx", "--max-vms", "0", "doctor"][..],
+            &["sbx", "--max-vms", "lots", "doctor"],
+            &["sbx", "--warm-pool", "-1", "doctor"],
+            &["sbx", "--snapshots", "maybe", "doctor"],
+            &["sbx", "--log", "sbx=[", "doctor"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.use_stderr(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -587,6 +587,114 @@ fn network_flag_opens_dns_but_never_the_host() {
     assert_cleaned_up();
 }
 
+/// Shell completions, man pages and the OpenAPI document come from the CLI itself, with
+/// no VM and no assets; a bad `sbx session` language and a bad `--ready-fd` are usage
+/// errors.
+#[test]
+fn completions_man_pages_openapi_and_usage_errors_need_no_vm() {
+    let sbx = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sbx"));
+        c.env("SBX_ASSETS_DIR", "/nonexistent/sbx-assets")
+            .env("SBX_LOG", "error");
+        c
+    };
+    let out = sbx().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "_sbx()",
+        "session",
+        "mcp",
+        "serve",
+        "--ready-fd",
+        "--allow-domain",
+    ] {
+        assert!(text.contains(word), "bash completions lack {word}");
+    }
+    assert!(
+        sbx()
+            .args(["completions", "tcsh"])
+            .output()
+            .unwrap()
+            .status
+            .code()
+            == Some(2)
+    );
+
+    let dir = std::env::temp_dir().join(format!("sbx-man-{}", std::process::id()));
+    let out = sbx().arg("man-pages").arg(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "sbx.1",
+        "sbx-run.1",
+        "sbx-session.1",
+        "sbx-mcp.1",
+        "sbx-serve.1",
+    ] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page} is not a man page");
+    }
+    assert!(
+        std::fs::read_to_string(dir.join("sbx-serve.1"))
+            .unwrap()
+            .contains("ready")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let out = sbx().arg("openapi").output().unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(doc["paths"]["/v1/sessions/{id}/exec"]["post"].is_object());
+
+    let out = sbx().args(["session", "-l", "cobol"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cobol"));
+    let out = sbx().args(["serve", "--ready-fd", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = sbx().args(["serve", "--ready-fd", "987"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ready-fd 987"));
+}
+
+/// SIGTERM (what `kill`, systemd and container runtimes send) stops `sbx run` as Ctrl-C
+/// does: status 130, every VM destroyed first.
+#[test]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+fn sigterm_stops_sbx_run_and_destroys_its_vm() {
+    let mut child = sbx_cli("error")
+        .args(["run", "-q", "-t", "120"])
+        .arg("import time\nprint('up', flush=True)\ntime.sleep(100)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_channel(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
+    match lines.recv_timeout(Duration::from_secs(180)) {
+        Ok(l) if l == "up" => {}
+        other => {
+            let _ = child.kill();
+            panic!("no \"up\": {other:?}; {}", stderr.join().unwrap());
+        }
+    }
+    assert!(common::qemu_count() > 0);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "sbx run ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "{}", stderr.join().unwrap());
+    assert_cleaned_up();
+}
+
 /// `sbx doctor --json`'s check of the snapshot store named `snapshots`.
 fn doctor_snapshots(cmd: &mut Command) -> serde_json::Value {
     let out = cmd.args(["doctor", "--json"]).output().unwrap();

@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use super::{Vm, VmState};
 use crate::Language;
 use crate::error::{Error, ErrorKind, PermanentCause, Result, TransientCause};
-use crate::ports::{AgentInfo, ControlCommand, OpStream};
+use crate::ports::{AgentInfo, ControlCommand, GuestConnection, OpStream};
 use crate::request::ExecRequest;
 use crate::result::millis;
 
@@ -230,8 +230,37 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// Cancels an operation in the guest when its caller goes away before the end (the future
+/// running it is dropped, e.g. Ctrl-C in `sbx session` or an HTTP client that hung up):
+/// the guest stops the exec as on a timeout instead of running it to its end while the
+/// next operation waits behind it.
+struct CancelOnDrop {
+    conn: Option<Arc<dyn GuestConnection>>,
+    op: guest_proto::OpId,
+}
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let op = self.op;
+            rt.spawn(async move {
+                let _ = conn.send(op, HostMessage::Cancel).await;
+            });
+        }
+    }
+}
+
 impl Vm {
     /// Runs `req` in the VM's REPL for `language`, streaming output to `callbacks`.
+    /// Dropping the future before it ends cancels the exec in the guest.
     ///
     /// A timeout is a result with exit code −1, not an error.
     pub async fn exec(
@@ -253,6 +282,10 @@ impl Vm {
             }),
         )
         .await?;
+        let cancel_on_drop = CancelOnDrop {
+            conn: Some(self.conn().clone()),
+            op: stream.op_id,
+        };
         let on_stdout = GuardedCallback::new(callbacks.on_stdout.clone());
         let on_stderr = GuardedCallback::new(callbacks.on_stderr.clone());
         let mut out = ExecOutcome::default();
@@ -288,7 +321,9 @@ impl Vm {
                 }
             }
         };
-        match tokio::time::timeout(deadline, collect).await {
+        let collected = tokio::time::timeout(deadline, collect).await;
+        cancel_on_drop.disarm();
+        match collected {
             Ok(r) => r?,
             Err(_) => {
                 let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;

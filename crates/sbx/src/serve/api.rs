@@ -373,7 +373,7 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable kind: `input`, `transient`, `permanent`, `outcome_unknown`,
-    /// `session_closed`, `output_limit`, `guest`, `unauthorized`, `not_found`,
+    /// `session_closed`, `output_limit`, `guest`, `no_space`, `unauthorized`, `not_found`,
     /// `payload_too_large`, `capacity`, `too_many_sessions`, `shutting_down`,
     /// `method_not_allowed`, `internal`.
     pub kind: String,

@@ -49,6 +49,48 @@ pub struct ServeArgs {
     /// Allow any package (turns the allowlist off).
     #[arg(long)]
     pub no_package_allowlist: bool,
+    /// Once the API answers, write one JSON line to this inherited file descriptor and
+    /// close it: `{"ready":true,"url":"http://127.0.0.1:PORT","pid":N,"version":"…"}`
+    /// (for launchers; with `--listen 127.0.0.1:0` the URL names the port chosen).
+    #[arg(long, value_name = "FD", value_parser = clap::value_parser!(i32).range(1..))]
+    pub ready_fd: Option<i32>,
+}
+
+/// The line `--ready-fd` writes once the server accepts requests.
+pub fn ready_line(addr: SocketAddr) -> String {
+    let v = serde_json::json!({
+        "ready": true,
+        "url": format!("http://{addr}"),
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    format!("{v}\n")
+}
+
+/// Opens the inherited descriptor `fd` for writing (through `/proc/self/fd`, so no unsafe
+/// code takes ownership of a raw descriptor).
+fn open_ready_fd(fd: i32) -> Result<std::fs::File, String> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| format!("--ready-fd {fd}: not an open, writable descriptor ({e})"))
+}
+
+/// Writes the ready line to `fd` and closes it (the launcher reading the other end sees
+/// the line, then the end of the stream).
+fn signal_ready(fd: i32, file: std::fs::File, addr: SocketAddr) -> Result<(), String> {
+    use std::io::Write;
+    let mut file = file;
+    file.write_all(ready_line(addr).as_bytes())
+        .and_then(|()| file.flush())
+        .map_err(|e| format!("--ready-fd {fd}: {e}"))?;
+    drop(file);
+    // Standard output and error stay open; any other descriptor is the launcher's pipe,
+    // closed so that it is not inherited by QEMU processes.
+    if fd > 2 {
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(())
 }
 
 impl ServeArgs {
@@ -119,6 +161,11 @@ async fn shutdown_signal() {
 /// Runs `sbx serve`; returns the exit status (0 after a clean shutdown, 2 on usage
 /// errors, 125 when the sandbox or the listener cannot start).
 pub async fn main(args: ServeArgs) -> i32 {
+    main_with(args, SbxConfig::from_env()).await
+}
+
+/// [`main`] over the given sandbox configuration (the CLI's `SBX_*` settings and flags).
+pub async fn main_with(args: ServeArgs, sbx_cfg: SbxConfig) -> i32 {
     let config = match args.config() {
         Ok(c) => c,
         Err(e) => {
@@ -133,6 +180,14 @@ pub async fn main(args: ServeArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
+    let ready = match args.ready_fd.map(|fd| open_ready_fd(fd).map(|f| (fd, f))) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            eprintln!("sbx serve: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -140,7 +195,7 @@ pub async fn main(args: ServeArgs) -> i32 {
             return EXIT_SANDBOX;
         }
     };
-    let mut sbx_cfg = SbxConfig::from_env();
+    let mut sbx_cfg = sbx_cfg;
     sbx_cfg.package_allowlist = crate::AllowlistSetting::from_flags(
         args.package_allowlist.clone(),
         args.no_package_allowlist,
@@ -172,6 +227,15 @@ pub async fn main(args: ServeArgs) -> i32 {
         eprintln!("sbx serve: authentication is OFF (loopback only)");
     }
     eprintln!("sbx serve: listening on http://{addr} (API description: /v1/openapi.json)");
+    // The listener is bound and the scheduler started: requests queue in the backlog
+    // until `serve` accepts them, so the launcher may connect as soon as it reads this.
+    if let Some((fd, file)) = ready
+        && let Err(e) = signal_ready(fd, file, addr)
+    {
+        eprintln!("sbx serve: {e}");
+        sbx.stop().await;
+        return EXIT_SANDBOX;
+    }
     let result = serve(listener, state, shutdown_signal()).await;
     sbx.stop().await;
     match result {
@@ -229,5 +293,32 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert!(parse(&["--max-file-mb", "501"]).config().is_err());
         assert!(parse(&["--max-sessions", "0"]).config().is_err());
+    }
+
+    #[test]
+    fn ready_fd_is_validated_and_the_line_is_json() {
+        assert!(T::try_parse_from(["t", "--ready-fd", "0"]).is_err());
+        assert!(T::try_parse_from(["t", "--ready-fd", "x"]).is_err());
+        assert_eq!(parse(&["--ready-fd", "3"]).ready_fd, Some(3));
+        assert!(open_ready_fd(987_654).unwrap_err().contains("987654"));
+        let line = ready_line("127.0.0.1:4242".parse().unwrap());
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ready"], true);
+        assert_eq!(v["url"], "http://127.0.0.1:4242");
+        assert_eq!(v["pid"], std::process::id());
+    }
+
+    #[test]
+    fn ready_line_goes_to_the_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ready");
+        let f = std::fs::File::create(&path).unwrap();
+        // fd 1 is not closed; the file handle given is written and dropped.
+        signal_ready(1, f, "127.0.0.1:1".parse().unwrap()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["url"], "http://127.0.0.1:1");
+        assert_eq!(text.lines().count(), 1);
     }
 }

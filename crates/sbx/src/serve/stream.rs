@@ -3,7 +3,7 @@
 //! The output callbacks of the core feed an unbounded channel (the core caps output, so
 //! the channel is bounded in practice). [`ExecStream`] drives the operation's future
 //! itself: dropping the stream (the client went away) drops the future, which for a run
-//! destroys the VM.
+//! destroys the VM and for a session exec cancels the exec in the guest.
 
 use std::convert::Infallible;
 use std::future::Future;
