@@ -64,6 +64,8 @@ pub struct AgentConfig {
 
 /// Where the images install Bun (from the npm registry).
 pub const VM_BUN: &str = "/usr/local/bin/bun";
+/// Node.js from the npm registry (the bench-only `javascript-node24` image).
+pub const VM_NODE_LOCAL: &str = "/usr/local/bin/node";
 /// Debian's node (the images before Bun, kept buildable for comparisons).
 pub const VM_NODE: &str = "/usr/bin/node";
 
@@ -99,7 +101,7 @@ impl AgentConfig {
             nproc: 1024,
             grace: Duration::from_secs(3),
             python: PathBuf::from("/usr/bin/python3"),
-            node: [VM_BUN, VM_NODE]
+            node: [VM_BUN, VM_NODE_LOCAL, VM_NODE]
                 .iter()
                 .map(PathBuf::from)
                 .find(|p| p.is_file())
