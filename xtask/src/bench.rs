@@ -33,6 +33,10 @@ pub enum Section {
     Snapshot,
     /// The Python client beside raw HTTP: session exec p50 (`clients/python`).
     Client,
+    /// JavaScript runtimes side by side: the `javascript` image (Bun) beside the
+    /// bench-only images with Debian's node 18 and Node.js 24 LTS (cold run, session exec
+    /// round trip, REPL RSS, image size).
+    Runtimes,
 }
 
 /// How many samples to take.
@@ -234,7 +238,10 @@ pub async fn run(assets: &Assets, size: BenchSize, only: &[Section]) -> Result<V
         snapshots(&cfg, size, &mut report).await?;
     }
     if want(Section::Throughput) {
-        throughput(cfg, size, &mut report).await?;
+        throughput(cfg.clone(), size, &mut report).await?;
+    }
+    if want(Section::Runtimes) {
+        report.insert("js_runtimes".into(), js_runtimes(assets, &cfg, size).await?);
     }
     report.insert(
         "leftover_qemu_processes".into(),
@@ -728,4 +735,148 @@ async fn throughput(cfg: sbx::SbxConfig, size: BenchSize, report: &mut Report) -
         }),
     );
     Ok(())
+}
+
+/// A directory beside the assets where `javascript-base-x86_64.qcow2` is `image` (hard
+/// links: the same files, the same access rights for the QEMU user).
+fn variant_dir(assets: &Assets, image: Image) -> Result<std::path::PathBuf> {
+    let dir = assets.dir.join(format!("bench-{}", image.name()));
+    crate::assets::cache::remove_any(&dir)?;
+    std::fs::create_dir_all(&dir)?;
+    let link = |src: &std::path::Path, name: &str| -> Result<()> {
+        std::fs::hard_link(src, dir.join(name))
+            .with_context(|| format!("linking {} into {}", src.display(), dir.display()))
+    };
+    link(&assets.vmlinux, "vmlinux")?;
+    link(&assets.initramfs, "initramfs.cpio.zst")?;
+    link(assets.image(image)?, &Image::Javascript.file_name())?;
+    Ok(dir)
+}
+
+/// What one JavaScript runtime measured.
+struct RuntimeFigures {
+    cold: Vec<u64>,
+    bare: Vec<u64>,
+    exec_us: Vec<u64>,
+    repl_rss_kib: u64,
+    version: String,
+}
+
+/// Prints the runtime's version and the REPL's resident memory (KiB).
+const JS_PROBE: &str = "console.log((typeof Bun !== 'undefined' ? 'bun ' + Bun.version : 'node ' + process.version) + ' ' + Math.round(process.memoryUsage().rss / 1024))";
+
+async fn measure_runtime(
+    assets: &Assets,
+    image: Image,
+    base: &sbx::SbxConfig,
+    size: BenchSize,
+) -> Result<RuntimeFigures> {
+    let dir = variant_dir(assets, image)?;
+    let mut cfg = base.clone();
+    cfg.assets_dir = dir.clone();
+    let sbx = sbx::Sbx::start(cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let booter = Booter::new(assets).await?;
+    let image_path = assets.image(image)?.to_path_buf();
+    let (mut cold, mut bare) = (Vec::new(), Vec::new());
+    for _ in 0..size.cold {
+        let b = booter
+            .boot(assets, &image_path, Duration::from_secs(120))
+            .await?;
+        bare.push(b.spawn_to_pong_ms);
+        let t = Instant::now();
+        let r = sbx
+            .scheduler()
+            .run(
+                RunRequest::new(Language::Javascript, "console.log('ok')"),
+                RunOptions::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cold javascript on {image}: {e}"))?;
+        cold.push(t.elapsed().as_millis() as u64);
+        anyhow::ensure!(r.stdout == "ok\n", "{image}: output {:?}", r.stdout);
+    }
+    let session = sbx
+        .scheduler()
+        .session(
+            SessionRequest::new(Language::Javascript),
+            RunOptions::default(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cb = OutputCallbacks::default();
+    let mut exec_us = Vec::new();
+    for i in 0..(size.session_execs / 2).max(10) + 1 {
+        let code = if i % 2 == 0 { "1" } else { "globalThis.x = 1" };
+        let t = Instant::now();
+        session
+            .exec(ExecRequest::new(code), &cb)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The first exec starts the REPL.
+        if i > 0 {
+            exec_us.push(t.elapsed().as_micros() as u64);
+        }
+    }
+    let probe = session
+        .exec(ExecRequest::new(JS_PROBE), &cb)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    session.close().await;
+    sbx.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let line = probe.stdout.trim();
+    let (version, rss) = line.rsplit_once(' ').unwrap_or((line, "0"));
+    Ok(RuntimeFigures {
+        cold,
+        bare,
+        exec_us,
+        repl_rss_kib: rss.parse().unwrap_or(0),
+        version: version.to_owned(),
+    })
+}
+
+/// The `javascript` image (Bun) beside the images with Debian's node 18 (the runtime
+/// before Bun) and Node.js 24 LTS, in one run: cold run to the first result, session exec
+/// round trip, the REPL's RSS in the guest, image size. Ratios are against node 18 and
+/// against the bare boot of each image. A comparison image that is not built is reported
+/// as skipped, with the command that builds it.
+async fn js_runtimes(assets: &Assets, base: &sbx::SbxConfig, size: BenchSize) -> Result<Value> {
+    eprintln!("bench: javascript runtimes");
+    let mut out = serde_json::Map::new();
+    let mut node18_p50 = None;
+    for image in [
+        Image::JavascriptNode18,
+        Image::Javascript,
+        Image::JavascriptNode24,
+    ] {
+        let Ok(path) = assets.image(image) else {
+            out.insert(
+                image.name().into(),
+                json!({ "skipped": format!("not built: cargo xtask assets --only images --image {image}") }),
+            );
+            continue;
+        };
+        let image_mb = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
+        let f = measure_runtime(assets, image, base, size).await?;
+        let cold_p50 = percentile(&f.cold, 50.0);
+        if image == Image::JavascriptNode18 {
+            node18_p50 = Some(cold_p50);
+        }
+        out.insert(
+            image.name().into(),
+            json!({
+                "runtime": f.version,
+                "image_mb": (image_mb * 10.0).round() / 10.0,
+                "cold_run_ms": stats(&f.cold),
+                "baseline_bare_boot_to_pong_ms": stats(&f.bare),
+                "cold_ratio_vs_bare_boot_p50": ratio(cold_p50, percentile(&f.bare, 50.0)),
+                "cold_ratio_vs_node18_p50": node18_p50.map_or(Value::Null, |n| ratio(cold_p50, n)),
+                "session_exec_round_trip_us": stats(&f.exec_us),
+                "repl_rss_mib": (f.repl_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+            }),
+        );
+    }
+    Ok(Value::Object(out))
 }

@@ -35,7 +35,8 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// python3 interpreter.
     pub python: PathBuf,
-    /// node interpreter.
+    /// JavaScript runtime: Bun (a file named `bun*`, the images' runtime) or Node.js
+    /// (anything else; see [`JsRuntime`]).
     pub node: PathBuf,
     /// bash.
     pub bash: PathBuf,
@@ -60,12 +61,39 @@ pub struct AgentConfig {
     /// in-place reseed covers `Math.random` and the JavaScript `crypto` functions only.
     /// OpenSSL 3 reseeds a DRBG by itself when the clock reads earlier than its last
     /// seeding, so the host makes snapshots with the guest clock set far ahead: restored
-    /// clones then reseed in place, and only other resumes cost a node start-up.
+    /// node clones then reseed in place. Bun (BoringSSL) has no such rule and always
+    /// restarts (a Bun start-up is a fraction of node's).
     pub restart_node_on_resume: bool,
     /// Top of the mounted package layer (`/opt/sbx-packages`), when the host attached
     /// one: its `python/` goes on `PYTHONPATH`, its `node_modules/` on `NODE_PATH`, after
     /// the user's own install directories.
     pub package_dir: Option<PathBuf>,
+}
+
+/// Where the images install Bun (from the npm registry).
+pub const VM_BUN: &str = "/usr/local/bin/bun";
+/// Node.js from the npm registry (the bench-only `javascript-node24` image).
+pub const VM_NODE_LOCAL: &str = "/usr/local/bin/node";
+/// Debian's node (the images before Bun, kept buildable for comparisons).
+pub const VM_NODE: &str = "/usr/bin/node";
+
+/// Which JavaScript runtime a REPL runs on, and so which wrapper it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsRuntime {
+    /// Bun: TypeScript, REPL-mode declarations and top-level await from its transpiler.
+    Bun,
+    /// Node.js: plain JavaScript (top-level await through Node's REPL transform).
+    Node,
+}
+
+impl JsRuntime {
+    /// The runtime at `path`, told by its file name.
+    pub fn of(path: &Path) -> Self {
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some(n) if n.starts_with("bun") => JsRuntime::Bun,
+            _ => JsRuntime::Node,
+        }
+    }
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin";
@@ -81,7 +109,11 @@ impl AgentConfig {
             nproc: 1024,
             grace: Duration::from_secs(3),
             python: PathBuf::from("/usr/bin/python3"),
-            node: PathBuf::from("/usr/bin/node"),
+            node: [VM_BUN, VM_NODE_LOCAL, VM_NODE]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| PathBuf::from(VM_BUN)),
             bash: PathBuf::from("/bin/bash"),
             temp_dir: PathBuf::from("/tmp"),
             reseed_crng: true,
@@ -101,7 +133,7 @@ impl AgentConfig {
         Self {
             path_env: user_path(&root),
             python: find_interpreter("python3"),
-            node: find_interpreter("node"),
+            node: find_js_runtime(),
             bash: find_interpreter("bash"),
             root,
             user: None,
@@ -120,6 +152,11 @@ impl AgentConfig {
     /// Directory pip installs into (on the REPL's `PYTHONPATH`).
     pub fn python_packages_dir(&self) -> PathBuf {
         self.root.join(".local/lib/python3/site-packages")
+    }
+
+    /// The JavaScript runtime [`node`](Self::node) is.
+    pub fn js_runtime(&self) -> JsRuntime {
+        JsRuntime::of(&self.node)
     }
 
     /// Prefix npm installs into (`<prefix>/node_modules`).
@@ -143,6 +180,17 @@ pub fn find_interpreter(name: &str) -> PathBuf {
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| find_on_path(name))
+}
+
+/// The host's JavaScript runtime: `bun` (in `/usr/local/bin`, `/usr/bin`, `/bin` or on
+/// `PATH`), else `node` ([`find_interpreter`]).
+pub fn find_js_runtime() -> PathBuf {
+    ["/usr/local/bin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join("bun"))
+        .find(|p| p.is_file())
+        .or_else(|| Some(find_on_path("bun")).filter(|p| p.is_absolute()))
+        .unwrap_or_else(|| find_interpreter("node"))
 }
 
 /// Finds `name` on the agent's `PATH`, or returns it unchanged.

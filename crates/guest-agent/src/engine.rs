@@ -275,10 +275,11 @@ impl Engine {
         }
         let started = Instant::now();
         let deadline = started + RESEED_TIMEOUT;
-        if language == Language::Javascript
-            && self.cfg.restart_node_on_resume
-            && !repl.clock_went_back_past_start()
-        {
+        // Node's OpenSSL 3 reseeds its DRBGs by itself once the clock reads earlier than
+        // their seeding; Bun's BoringSSL has no such rule, so Bun always restarts.
+        let reseeds_itself = self.cfg.js_runtime() == crate::config::JsRuntime::Node
+            && repl.clock_went_back_past_start();
+        if language == Language::Javascript && self.cfg.restart_node_on_resume && !reseeds_itself {
             if let Some(old) = slot.take() {
                 old.kill();
             }

@@ -30,7 +30,7 @@ pub mod repl;
 pub mod server;
 pub mod transport;
 
-pub use config::{AgentConfig, UserIds};
+pub use config::{AgentConfig, JsRuntime, UserIds};
 pub use engine::Engine;
 pub use server::{ConnectionEnd, Outbox, serve_connection};
 

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, JsRuntime};
 use crate::engine::error;
 use crate::process::{self, Sandbox};
 use crate::repl::base_env;
@@ -153,6 +153,15 @@ fn command(cfg: &AgentConfig, language: Language, packages: &[String]) -> Comman
             ])
             .arg(cfg.python_packages_dir());
             cmd
+        }
+        _ if cfg.js_runtime() == JsRuntime::Bun => {
+            // `bun add` takes no `--`; every spec was checked to start with a letter, a
+            // digit or `@` (validate_spec), so none reads as an option.
+            let mut cmd = Command::new(&cfg.node);
+            cmd.args(["add", "--no-save", "--no-progress", "--cwd"])
+                .arg(cfg.node_prefix())
+                .args(packages);
+            return cmd;
         }
         _ => {
             let mut cmd = Command::new("npm");

@@ -40,12 +40,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, JsRuntime};
 use crate::process::{self, ExitKind, Sandbox, Sweep};
 use crate::server::Outbox;
 
 const PYTHON_WRAPPER: &str = include_str!("wrappers/python.py");
 const NODE_WRAPPER: &str = include_str!("wrappers/node.js");
+const BUN_WRAPPER: &str = include_str!("wrappers/bun.js");
 const BASH_WRAPPER: &str = include_str!("wrappers/bash.sh");
 
 /// Size of one read from the output pipes (and so the largest output chunk).
@@ -120,7 +121,12 @@ fn interpreter_command(language: Language, cfg: &AgentConfig) -> Command {
         }
         Language::Javascript => {
             let mut cmd = Command::new(&cfg.node);
-            cmd.args(["--expose-internals", "-e", NODE_WRAPPER]);
+            match cfg.js_runtime() {
+                // --smol: a smaller heap, collected more often; --no-install: a missing
+                // package is an error, never fetched at run time.
+                JsRuntime::Bun => cmd.args(["--smol", "--no-install", "-e", BUN_WRAPPER]),
+                JsRuntime::Node => cmd.args(["--expose-internals", "-e", NODE_WRAPPER]),
+            };
             cmd
         }
         Language::Raw => {
@@ -154,6 +160,9 @@ pub fn base_env(cfg: &AgentConfig) -> Vec<(String, String)> {
         ("TMPDIR".into(), cfg.temp_dir.display().to_string()),
         ("PYTHONPATH".into(), python_path),
         ("PYTHONUSERBASE".into(), format!("{root}/.local")),
+        // No integer/string conversion limit (`str(10**100000)` works), as in the original
+        // system; user code may set one (sys.set_int_max_str_digits, or this variable).
+        ("PYTHONINTMAXSTRDIGITS".into(), "0".into()),
         ("NODE_PATH".into(), node_path),
         ("npm_config_cache".into(), format!("{root}/.npm")),
     ]

@@ -1,6 +1,7 @@
 //! Guest behaviour over real microVMs (TCG here): `localhost`, the python image's tools,
 //! multiprocessing with REPL-defined functions, background processes across execs, the
-//! raw image's netcat, and the home directory's size and full-disk errors.
+//! raw image's netcat, the home directory's size and full-disk errors, Python without the
+//! int/str conversion limit, and the javascript image's Bun with TypeScript and REPL semantics.
 //!
 //! `#[ignore]`d in `cargo test`; run by `cargo xtask itest`. Once opted in, missing assets
 //! or QEMU are failures, never silent passes.
@@ -441,4 +442,97 @@ fn cli_disk_option_is_checked_before_any_vm_work() {
     );
     let size: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!((90..=100).contains(&size), "{size}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn python_has_no_int_str_conversion_limit_unless_the_user_sets_one() {
+    let sbx = sbx().await;
+    let s = session(&sbx, SessionRequest::new(Language::Python)).await;
+    let r = exec(&s, "print(len(str(10**100000)))").await;
+    assert_eq!(r.stdout, "100001\n");
+    exec(&s, "import sys; sys.set_int_max_str_digits(4300)").await;
+    let r = exec_t(&s, "str(10**5000)", 60).await;
+    assert_eq!(r.exit_code, 1, "{r:?}");
+    assert!(r.stderr.contains("Exceeds the limit"), "{}", r.stderr);
+    exec(&s, "sys.set_int_max_str_digits(0)").await;
+    assert_eq!(exec(&s, "print(len(str(10**5000)))").await.stdout, "5001\n");
+    s.close().await;
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn javascript_is_bun_with_typescript_and_repl_semantics() {
+    let sbx = sbx().await;
+    let s = session(&sbx, SessionRequest::new(Language::Javascript)).await;
+    // The runtime is the pinned Bun; `node` in the image is Bun too.
+    let r = exec(
+        &s,
+        "console.log(Bun.version, require('child_process').execFileSync('node', ['-e', 'console.log(typeof Bun)']).toString().trim())",
+    )
+    .await;
+    assert_eq!(r.stdout, "1.4.5 object\n");
+    // TypeScript, types erased.
+    let r = exec(
+        &s,
+        "enum Color { Red, Green = 5 }\n\
+         interface Point { x: number; y?: number }\n\
+         const id = <T,>(x: T): T => x;\n\
+         class Box<T> { constructor(public value: T) {} }\n\
+         const p: Point = { x: 1 };\n\
+         const o = JSON.parse('{\"a\":{\"b\":2}}') as { a?: { b?: number }; z?: { y: number } };\n\
+         const n: number = await Promise.resolve(40);\n\
+         console.log(Color.Green, id<string>('s'), new Box(3).value, p.y ?? 'none', o?.a?.b, o.z?.y, n + 2);",
+    )
+    .await;
+    assert_eq!(r.stdout, "5 s 3 none 2 undefined 42\n");
+    // let/const again in a later exec; what the first declared is still there.
+    let r = exec(&s, "let n = 1; const p = 2; console.log(n + p, Color.Red)").await;
+    assert_eq!(r.stdout, "3 0\n");
+    // import(): built-in modules, computed specifiers and packages, as require has them.
+    let r = exec(
+        &s,
+        "const fs = require('fs');\n\
+         fs.mkdirSync('node_modules/sbx-fixture', { recursive: true });\n\
+         fs.writeFileSync('node_modules/sbx-fixture/package.json', '{\"name\":\"sbx-fixture\",\"main\":\"index.js\"}');\n\
+         fs.writeFileSync('node_modules/sbx-fixture/index.js', 'module.exports = { answer: 42 }');\n\
+         const path = await import('node:path');\n\
+         const spec = ['node', 'os'].join(':');\n\
+         const os = await import(spec);\n\
+         const fx = await import('sbx-fixture');\n\
+         const s = \"import('x')\"; function reimport() { return 7 }\n\
+         console.log(path.default === require('node:path'), os.default === require(spec), fx.default === require('sbx-fixture'), fx.default.answer, s, reimport());",
+    )
+    .await;
+    assert_eq!(r.stdout, "true true true 42 import('x') 7\n");
+    // Bad input: a non-zero exit with the error on stderr, and the session goes on.
+    for (code, want) in [
+        ("let x: = 1", "SyntaxError"),
+        (
+            "await Promise.reject(new Error('it rejected'))",
+            "it rejected",
+        ),
+        (
+            "await import('no-such-module-sbx')",
+            "Cannot find module 'no-such-module-sbx'",
+        ),
+        ("require = null; require('fs')", "TypeError"),
+        ("import = 5", "SyntaxError"),
+    ] {
+        let r = exec_t(&s, code, 60).await;
+        assert_eq!(r.exit_code, 1, "{code}: {r:?}");
+        assert!(r.stderr.contains(want), "{code}: {}", r.stderr);
+    }
+    let r = exec(
+        &s,
+        "process.stdout.write('y'.repeat(300000)); console.log(typeof require('fs').readFileSync, n)",
+    )
+    .await;
+    assert_eq!(r.stdout.len(), 300_000 + "function 1\n".len());
+    assert!(r.stdout.ends_with("function 1\n"));
+    s.close().await;
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
 }

@@ -21,6 +21,7 @@ pub mod exec;
 pub mod initramfs;
 pub mod kernel;
 pub mod manifest;
+pub mod npm;
 pub mod rootfs;
 pub mod tools;
 pub mod wheels;
@@ -106,10 +107,14 @@ pub enum ImageChoice {
     Raw,
     /// python3.
     Python,
-    /// nodejs.
+    /// Bun (JavaScript, TypeScript).
     Javascript,
     /// All three.
     All,
+    /// Debian's node 18 (bench comparison only; not part of `all`).
+    JavascriptNode18,
+    /// Node.js 24 LTS from npm (bench comparison only; not part of `all`).
+    JavascriptNode24,
 }
 
 impl ImageChoice {
@@ -120,6 +125,8 @@ impl ImageChoice {
             ImageChoice::Python => vec![Image::Python],
             ImageChoice::Javascript => vec![Image::Javascript],
             ImageChoice::All => Image::ALL.to_vec(),
+            ImageChoice::JavascriptNode18 => vec![Image::JavascriptNode18],
+            ImageChoice::JavascriptNode24 => vec![Image::JavascriptNode24],
         }
     }
 }
@@ -141,7 +148,12 @@ fn all_files() -> Vec<String> {
         agent::OUTPUT.to_owned(),
         initramfs::OUTPUT.to_owned(),
     ];
-    f.extend(Image::ALL.iter().map(|i| i.file_name()));
+    f.extend(
+        Image::ALL
+            .iter()
+            .chain(Image::BENCH.iter())
+            .map(|i| i.file_name()),
+    );
     f
 }
 
@@ -237,6 +249,7 @@ pub fn locate(dir: &Path) -> Result<Assets> {
     }
     let images = Image::ALL
         .iter()
+        .chain(Image::BENCH.iter())
         .map(|i| (*i, path(&i.file_name())))
         .filter(|(_, p)| p.is_file())
         .collect();

@@ -13,11 +13,12 @@ use serde_json::json;
 
 use super::cache::{self, KeyBuilder, KeyRecord};
 use super::exec::{self, Step};
+use super::npm::{self, NpmBinary};
 use super::wheels::{self, Wheel};
 use super::{Ctx, tools};
 
 /// Bumped whenever the recipe (hooks, stripping, packing) changes the output.
-pub const RECIPE_VERSION: &str = "rootfs-recipe-6";
+pub const RECIPE_VERSION: &str = "rootfs-recipe-7";
 /// Debian suite of every image.
 pub const SUITE: &str = "bookworm";
 /// apt sources of every image (the same ones this machine uses, minus backports).
@@ -70,13 +71,21 @@ pub enum Image {
     Raw,
     /// raw + python3, pip, venv.
     Python,
-    /// raw + nodejs, npm.
+    /// raw + Bun (JavaScript and TypeScript; `node` and `bunx` are Bun too).
     Javascript,
+    /// raw + Debian's nodejs 18 and npm: the image before Bun, built only for the
+    /// comparison in `cargo xtask bench` (runs `javascript`).
+    JavascriptNode18,
+    /// raw + Node.js 24 LTS from the npm registry: built only for the comparison in
+    /// `cargo xtask bench` (runs `javascript`).
+    JavascriptNode24,
 }
 
 impl Image {
     /// Every image, in build order (`raw` first: the others reuse its downloads).
     pub const ALL: [Image; 3] = [Image::Raw, Image::Python, Image::Javascript];
+    /// Images built only for benchmark comparisons (never by a plain `cargo xtask assets`).
+    pub const BENCH: [Image; 2] = [Image::JavascriptNode18, Image::JavascriptNode24];
 
     /// The image's name.
     pub fn name(self) -> &'static str {
@@ -84,6 +93,8 @@ impl Image {
             Image::Raw => "raw",
             Image::Python => "python",
             Image::Javascript => "javascript",
+            Image::JavascriptNode18 => "javascript-node18",
+            Image::JavascriptNode24 => "javascript-node24",
         }
     }
 
@@ -103,7 +114,8 @@ impl Image {
                 "python3-venv",
                 "python-is-python3",
             ],
-            Image::Javascript => &["nodejs", "npm"],
+            Image::Javascript | Image::JavascriptNode24 => &[],
+            Image::JavascriptNode18 => &["nodejs", "npm"],
         };
         RAW_PACKAGES.iter().chain(extra).copied().collect()
     }
@@ -112,7 +124,16 @@ impl Image {
     pub fn wheels(self) -> &'static [Wheel] {
         match self {
             Image::Python => &[wheels::UV, wheels::CLOUDPICKLE],
-            Image::Raw | Image::Javascript => &[],
+            _ => &[],
+        }
+    }
+
+    /// Runtimes vendored from the npm registry (pinned by integrity; see [`npm`]).
+    pub fn npm_binaries(self) -> &'static [NpmBinary] {
+        match self {
+            Image::Javascript => &[npm::BUN],
+            Image::JavascriptNode24 => &[npm::NODE_LTS],
+            _ => &[],
         }
     }
 
@@ -120,7 +141,7 @@ impl Image {
     pub fn size_budget_mb(self) -> u64 {
         match self {
             Image::Raw => 40,
-            Image::Python | Image::Javascript => 120,
+            _ => 120,
         }
     }
 }
@@ -174,7 +195,7 @@ chmod 0750 "$1/home/user"
 /// `prctl` itself — is non-dumpable: no core dumps, `/proc/<pid>` owned by root, no
 /// ptrace or `/proc/<pid>/mem` access from other uid-1000 processes.
 pub const HOOK_NONDUMP: &str = r#"set -e
-for f in /usr/bin/python3 /usr/bin/node /usr/bin/bash; do
+for f in /usr/bin/python3 /usr/bin/node /usr/bin/bash /usr/local/bin/bun /usr/local/bin/node; do
   t=$(chroot "$1" readlink -f "$f" 2>/dev/null) || continue
   [ -f "$1$t" ] || continue
   chmod 0711 "$1$t"
@@ -396,15 +417,24 @@ pub fn smoke_commands(image: Image) -> Vec<&'static str> {
             "python3 -m venv --without-pip /tmp/v && /tmp/v/bin/python -c 'import sys' && rm -rf /tmp/v",
         ]),
         Image::Javascript => c.extend([
+            "bun -e 'require(\"crypto\"); require(\"zlib\"); new Intl.DateTimeFormat(\"de\"); console.log(Bun.version)'",
+            "bun -e 'const t = new Bun.Transpiler({ loader: \"ts\", replMode: true }); if (!t.transformSync(\"let a: number = 1\").includes(\"a = 1\")) process.exit(1)'",
+            "node -e 'if (!process.versions.bun) process.exit(1)' && bunx --version",
+        ]),
+        Image::JavascriptNode18 => c.extend([
             "node -e 'require(\"crypto\"); require(\"zlib\"); new Intl.DateTimeFormat(\"de\"); console.log(process.version)'",
             "npm --version",
+        ]),
+        Image::JavascriptNode24 => c.extend([
+            "node -e 'require(\"crypto\"); require(\"zlib\"); new Intl.DateTimeFormat(\"de\"); console.log(process.version)'",
         ]),
     }
     c
 }
 
 /// Checks the stripped tree before packing: essential paths are there and each smoke
-/// command succeeds when run as `user` in a chroot of the tree.
+/// command succeeds when run as `user` in a chroot of the tree (with /proc mounted, in a
+/// mount namespace of its own).
 fn verify_root(image: Image, root: &Path, log: &Path) -> Result<()> {
     for p in [
         "bin/bash",
@@ -423,12 +453,21 @@ fn verify_root(image: Image, root: &Path, log: &Path) -> Result<()> {
     }
     // Resolved here: the command below runs with the image's PATH.
     let chroot = tools::which("chroot").context("chroot not found on PATH")?;
+    let unshare = tools::which("unshare").context("unshare not found on PATH")?;
+    // A private mount namespace with /proc in the root: Bun reads /proc/self/exe at start
+    // (and aborts without it), as the VM's root has /proc.
+    let in_root = format!(
+        "mount -t proc proc {} && exec {} --userspec=1000:1000 {} /bin/sh -c \"$0\"",
+        sh_quote(&root.join("proc").display().to_string()),
+        sh_quote(&chroot.display().to_string()),
+        sh_quote(&root.display().to_string()),
+    );
     for cmd in smoke_commands(image) {
         exec::run_logged(
-            Command::new(&chroot)
-                .arg("--userspec=1000:1000")
-                .arg(root)
-                .args(["/bin/sh", "-c", cmd])
+            Command::new(&unshare)
+                .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+                .arg(&in_root)
+                .arg(cmd)
                 .env_clear()
                 .env("PATH", "/usr/local/bin:/usr/bin:/bin")
                 .env("HOME", "/home/user")
@@ -466,6 +505,7 @@ pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
         .field("mmdebstrap-args", args_for_key.join("\n"))
         .field("candidates", versions.join("\n"))
         .field("wheels", wheels::key_lines(image.wheels()).join("\n"))
+        .field("npm", npm::key_lines(image.npm_binaries()).join("\n"))
         .field("erofs", EROFS_ARGS.join(" "))
         .field("qcow2", QCOW2_ARGS.join(" "))
         .field("agent", &agent_sha)
@@ -499,12 +539,28 @@ pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
         step.done();
     }
 
+    let mut runtimes = Vec::new();
+    if !image.npm_binaries().is_empty() {
+        let step = Step::start(&asset, "fetch pinned runtimes (npm pack, sha512 checked)");
+        for pin in image.npm_binaries() {
+            runtimes.push((pin, npm::fetch(pin, &work.join("npm"), &log)?));
+        }
+        step.done();
+    }
+
     let step = Step::start(&asset, &format!("mmdebstrap ({} packages)", packages.len()));
     let args = mmdebstrap_args(image, &root, agent, &debs);
     exec::run_logged(Command::new("mmdebstrap").args(&args), &log)?;
     finalize(&root)?;
     for (wheel, file) in &fetched {
         wheels::install(wheel, file, &root, &work.join("wheel-unpack"), &log)?;
+    }
+    for (pin, file) in &runtimes {
+        npm::install(pin, file, &root, &log)?;
+        // Execute-only, like the Debian interpreters (HOOK_NONDUMP): non-dumpable REPLs.
+        let bin = root.join(pin.install_as.trim_start_matches('/'));
+        fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o711))
+            .with_context(|| format!("chmod {}", bin.display()))?;
     }
     step.done();
 
@@ -580,6 +636,22 @@ pub fn build(ctx: &Ctx, image: Image, agent: &Path) -> Result<KeyRecord> {
             "wheels".to_owned(),
             json!(wheels::key_lines(image.wheels())),
         ),
+        (
+            "npm_runtimes".to_owned(),
+            json!(
+                image
+                    .npm_binaries()
+                    .iter()
+                    .map(|p| json!({
+                        "package": p.name,
+                        "version": p.version,
+                        "integrity": p.integrity,
+                        "installed_as": p.install_as,
+                        "aliases": p.aliases,
+                    }))
+                    .collect::<Vec<_>>()
+            ),
+        ),
         ("format".to_owned(), json!("erofs in qcow2")),
         ("erofs_args".to_owned(), json!(EROFS_ARGS)),
         ("qcow2_args".to_owned(), json!(QCOW2_ARGS)),
@@ -602,7 +674,15 @@ mod tests {
             }
         }
         assert!(Image::Python.packages().contains(&"python3-venv"));
-        assert!(Image::Javascript.packages().contains(&"npm"));
+        assert!(Image::JavascriptNode18.packages().contains(&"npm"));
+        assert!(!Image::Javascript.packages().contains(&"nodejs"));
+        assert_eq!(Image::Javascript.npm_binaries(), [npm::BUN]);
+        assert_eq!(Image::JavascriptNode24.npm_binaries(), [npm::NODE_LTS]);
+        assert!(Image::Python.npm_binaries().is_empty());
+        assert_eq!(
+            Image::JavascriptNode18.file_name(),
+            "javascript-node18-base-x86_64.qcow2"
+        );
         assert!(!Image::Raw.packages().contains(&"python3"));
         assert_eq!(
             Image::Javascript.file_name(),
@@ -688,8 +768,11 @@ qemu-utils:
         assert!(
             smoke_commands(Image::Javascript)
                 .iter()
-                .any(|c| c.contains("node"))
+                .any(|c| c.contains("bun -e"))
         );
+        for img in Image::BENCH {
+            assert!(smoke_commands(img).iter().any(|c| c.contains("node -e")));
+        }
         assert!(
             !smoke_commands(Image::Raw)
                 .iter()
@@ -715,6 +798,8 @@ qemu-utils:
         let image = match std::env::var("SBX_TEST_IMAGE").as_deref() {
             Ok("python") => Image::Python,
             Ok("javascript") => Image::Javascript,
+            Ok("javascript-node18") => Image::JavascriptNode18,
+            Ok("javascript-node24") => Image::JavascriptNode24,
             _ => Image::Raw,
         };
         let ctx = Ctx::new(super::super::workspace_root(), dir.into()).unwrap();

@@ -81,6 +81,8 @@ pub const IMAGES: &[Tool] = &[
     // `python3 -m pip download` fetches the pinned wheels; `-m zipfile` unpacks them.
     bin("python3", "python3"),
     bin("pip3", "python3-pip"),
+    // `npm pack` fetches the pinned runtimes (Bun) from the npm registry.
+    bin("npm", "npm"),
     file(
         "/usr/share/keyrings/debian-archive-keyring.gpg",
         "debian-archive-keyring",

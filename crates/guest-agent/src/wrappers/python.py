@@ -192,6 +192,16 @@ def _sbx_repl():
         for k, v in req.get("env") or []:
             saved.append((k, os.environ.get(k), v))
             os.environ[k] = v
+        # The integer/string conversion limit is off (PYTHONINTMAXSTRDIGITS=0 from the
+        # agent); an exec that sets the variable gets its value for that exec, and
+        # sys.set_int_max_str_digits() in user code stays in force until changed.
+        digits = None
+        if "PYTHONINTMAXSTRDIGITS" in dict(req.get("env") or []):
+            try:
+                digits = (sys.get_int_max_str_digits(),)
+                sys.set_int_max_str_digits(int(os.environ["PYTHONINTMAXSTRDIGITS"]))
+            except (AttributeError, ValueError):
+                digits = None
         src = req["code"]
         linecache.cache["<exec>"] = (len(src), None, src.splitlines(True), "<exec>")
         status = 0
@@ -209,6 +219,12 @@ def _sbx_repl():
             flush()
             os._exit(status)
         flush()
+        if digits is not None:
+            try:
+                if sys.get_int_max_str_digits() == int(os.environ.get("PYTHONINTMAXSTRDIGITS", "-1")):
+                    sys.set_int_max_str_digits(digits[0])
+            except (AttributeError, ValueError):
+                pass
         for k, old, v in saved:
             if os.environ.get(k) == v:
                 if old is None:
