@@ -47,6 +47,7 @@ use serde::Serialize;
 pub mod doctor;
 pub mod serve;
 pub mod setup;
+pub mod term;
 
 /// Settings of the default wiring. [`SbxConfig::from_env`] reads the environment.
 #[derive(Debug, Clone)]

@@ -1036,3 +1036,102 @@ async fn package_specs_are_checked_before_any_vm_work() {
     );
     assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
 }
+
+/// `--no-auth` (loopback only): browsers on other origins and DNS-rebound names are
+/// refused before anything runs; plain API clients on loopback still work.
+#[tokio::test]
+async fn no_auth_refuses_cross_origin_and_foreign_hosts() {
+    let h = h_with(ServeConfig::default(), Auth::disabled(), "").await;
+    let port = h.srv.addr.port();
+    let post = |host: Option<String>, origin: Option<String>, ct: Option<&str>| {
+        let mut r = h.c.post(h.srv.url("/v1/run")).body(r#"{"code":"1"}"#);
+        if let Some(host) = host {
+            r = r.header("host", host);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct);
+        }
+        r
+    };
+    let json = Some("application/json");
+    for (host, origin, ct, want) in [
+        // DNS rebinding: a foreign name pointing at 127.0.0.1.
+        (
+            Some(format!("evil.example:{port}")),
+            None,
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Some("evil.example".to_owned()),
+            None,
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        // A page on another origin, even another local port.
+        (
+            None,
+            Some("http://evil.example".to_owned()),
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            None,
+            Some("http://localhost:3000".to_owned()),
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        (None, Some("null".to_owned()), json, StatusCode::FORBIDDEN),
+        // A form or text body (no CORS preflight).
+        (
+            None,
+            None,
+            Some("text/plain"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            None,
+            None,
+            Some("application/x-www-form-urlencoded"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        // Plain clients.
+        (None, None, json, StatusCode::OK),
+        (
+            Some(format!("localhost:{port}")),
+            None,
+            json,
+            StatusCode::OK,
+        ),
+        (
+            Some(format!("127.0.0.1:{port}")),
+            Some(format!("http://127.0.0.1:{port}")),
+            json,
+            StatusCode::OK,
+        ),
+    ] {
+        let r = post(host.clone(), origin.clone(), ct).send().await.unwrap();
+        assert_eq!(
+            r.status(),
+            want,
+            "host {host:?} origin {origin:?} ct {ct:?}"
+        );
+    }
+    let r =
+        h.c.get(h.srv.url("/v1/sessions"))
+            .header("sec-fetch-site", "cross-site")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Only the successful runs launched a VM.
+    assert_eq!(
+        h.counters
+            .launches
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+}

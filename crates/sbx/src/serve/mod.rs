@@ -245,8 +245,89 @@ async fn access_log(State(state): State<AppState>, mut req: Request, next: Next)
     resp
 }
 
+/// True when `host` (a `Host` header value, `name[:port]`) names this machine's loopback:
+/// `localhost`, an address in 127.0.0.0/8 or `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((inner, port)) if port.is_empty() || port.starts_with(':') => inner,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Without authentication (loopback only) any web page the user visits could call the
+/// API from the browser. Refused, with 403 `forbidden`:
+///
+/// - a `Host` that is not a loopback name (DNS rebinding: `evil.example` resolving to
+///   127.0.0.1 sends `Host: evil.example`);
+/// - an `Origin` (browsers send it on cross-origin and on every non-GET request) that is
+///   not this very server (`http://` + the `Host`), and `Sec-Fetch-Site: cross-site`;
+/// - a `POST` whose body is not `application/json` (HTML forms and "simple" cross-origin
+///   requests can only send form or text bodies without a preflight).
+fn browser_guard(req: &Request) -> Result<(), ApiError> {
+    let forbidden =
+        |msg: String| ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", msg);
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if !is_loopback_host(host) {
+        return Err(forbidden(format!(
+            "without authentication only loopback Host headers are served, not {host:?}"
+        )));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !origin.eq_ignore_ascii_case(&format!("http://{host}")) {
+            return Err(forbidden(format!(
+                "cross-origin requests are refused without authentication (Origin {origin:?})"
+            )));
+        }
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Err(forbidden(
+            "cross-site requests are refused without authentication".to_owned(),
+        ));
+    }
+    if req.method() == axum::http::Method::POST
+        && let Some(ct) = headers.get(header::CONTENT_TYPE)
+    {
+        let ct = ct.to_str().unwrap_or("");
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if !mime.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "input",
+                format!("request bodies must be application/json, not {ct:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Bearer-token check and shutdown gate of the API routes.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if !state.inner.auth.enabled()
+        && let Err(e) = browser_guard(&req)
+    {
+        return e.into_response();
+    }
     let value = req
         .headers()
         .get(header::AUTHORIZATION)
