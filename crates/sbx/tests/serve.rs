@@ -517,7 +517,7 @@ async fn file_upload_exec_download_is_byte_exact() {
     assert!(
         entries
             .iter()
-            .any(|e| e["name"] == "data/blob.bin" && e["size"] == data.len() as u64),
+            .any(|e| e["name"] == "blob.bin" && e["size"] == data.len() as u64),
         "{v}"
     );
 
