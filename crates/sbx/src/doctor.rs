@@ -257,7 +257,12 @@ fn layers(
     let allowed = cfg
         .network
         .as_ref()
-        .map(|n| n.allowed_ranges.iter().map(ToString::to_string).collect::<Vec<_>>())
+        .map(|n| {
+            n.allowed_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     vec![
         layer(
@@ -265,7 +270,10 @@ fn layers(
             kvm,
             "guest code reaching the host CPU's privileged state (under TCG the guest is \
              emulated instead: isolated, slower)",
-            format!("{}: {}", host.accelerator.accelerator, host.accelerator.reason),
+            format!(
+                "{}: {}",
+                host.accelerator.accelerator, host.accelerator.reason
+            ),
             Some("a host whose /dev/kvm runs ordinary guests"),
         ),
         layer(
