@@ -1135,3 +1135,39 @@ async fn no_auth_refuses_cross_origin_and_foreign_hosts() {
         3
     );
 }
+
+/// Per-token cap on runs in flight: one token's flood is refused with 429 beyond its cap,
+/// and another token still gets through.
+#[tokio::test]
+async fn runs_in_flight_are_capped_per_token() {
+    let a = "token-a-long-enough-xyz";
+    let b = "token-b-long-enough-xyz";
+    let cfg = ServeConfig {
+        max_runs_per_token: 2,
+        ..ServeConfig::default()
+    };
+    let h = h_with(cfg, Auth::tokens([a, b]).unwrap(), a).await;
+    let run = |token: &'static str, code: &'static str| {
+        h.c.post(h.srv.url("/v1/run"))
+            .bearer_auth(token)
+            .json(&json!({ "code": code }))
+            .send()
+    };
+    let slow1 = tokio::spawn(run(a, "sleep 1500"));
+    let slow2 = tokio::spawn(run(a, "sleep 1500"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = run(a, "x").await.unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, e) = error_of(r).await;
+    assert_eq!(
+        (status, e["kind"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("too_many_runs"))
+    );
+    // Another token is not held back by A's flood.
+    assert_eq!(run(b, "x").await.unwrap().status(), StatusCode::OK);
+    for t in [slow1, slow2] {
+        assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    // The slots are free again.
+    assert_eq!(run(a, "x").await.unwrap().status(), StatusCode::OK);
+}

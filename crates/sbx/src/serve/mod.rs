@@ -64,6 +64,10 @@ pub struct ServeConfig {
     pub max_sessions: usize,
     /// Most live sessions of one token; beyond: 429 `too_many_sessions`.
     pub max_sessions_per_token: usize,
+    /// Most `run` requests of one token in flight at once; beyond: 429 `too_many_runs`
+    /// (so one token's flood holds at most this many VMs, and other tokens' requests
+    /// still find capacity).
+    pub max_runs_per_token: usize,
     /// Largest JSON request body, bytes; beyond: 413.
     pub max_body_bytes: u64,
     /// Largest uploaded file, bytes; beyond: 413 (enforced while streaming).
@@ -79,6 +83,7 @@ impl Default for ServeConfig {
         Self {
             max_sessions: 32,
             max_sessions_per_token: 32,
+            max_runs_per_token: 16,
             max_body_bytes: 8 << 20,
             max_file_bytes: guest_proto::limits::MAX_FILE_BYTES,
             shutdown_grace: Duration::from_secs(10),
@@ -99,6 +104,31 @@ struct Inner {
     doctor: Option<DoctorFn>,
     started: Instant,
     shutting_down: AtomicBool,
+    /// `run` requests in flight per token.
+    runs: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One `run` of a token in flight, counted until dropped.
+pub(crate) struct RunSlot {
+    state: AppState,
+    token: String,
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        let mut runs = self
+            .state
+            .inner
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = runs.get_mut(&self.token) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                runs.remove(&self.token);
+            }
+        }
+    }
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -136,6 +166,7 @@ impl AppState {
                 doctor,
                 started: Instant::now(),
                 shutting_down: AtomicBool::new(false),
+                runs: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
@@ -158,6 +189,27 @@ impl AppState {
     /// True once a shutdown began.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Counts a `run` of `token`, or refuses it with 429 `too_many_runs` when the token
+    /// already has [`ServeConfig::max_runs_per_token`] in flight.
+    pub(crate) fn run_slot(&self, token: &str) -> Result<RunSlot, ApiError> {
+        let max = self.inner.config.max_runs_per_token;
+        let mut runs = self.inner.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let n = runs.entry(token.to_owned()).or_default();
+        if *n >= max {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_runs",
+                format!("this token already has its maximum of {max} runs in flight"),
+            )
+            .retry_after(1));
+        }
+        *n += 1;
+        Ok(RunSlot {
+            state: self.clone(),
+            token: token.to_owned(),
+        })
     }
 
     fn begin_shutdown(&self) {
