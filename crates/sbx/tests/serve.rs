@@ -1171,3 +1171,60 @@ async fn runs_in_flight_are_capped_per_token() {
     // The slots are free again.
     assert_eq!(run(a, "x").await.unwrap().status(), StatusCode::OK);
 }
+
+/// Slow clients cannot hold connections: headers must arrive within the header-read
+/// timeout, an idle connection is closed after it, and at most `max_connections` are
+/// served at once (the next waits until one closes).
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = ServeConfig {
+        header_read_timeout: Duration::from_millis(500),
+        max_connections: 2,
+        ..ServeConfig::default()
+    };
+    let h = h_with(cfg, Auth::disabled(), "").await;
+    let closed_within = |mut s: tokio::net::TcpStream, limit: Duration| async move {
+        let mut buf = [0u8; 256];
+        let started = Instant::now();
+        loop {
+            match tokio::time::timeout(limit, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) => {}
+                Err(_) => return None,
+            }
+        }
+    };
+    // Slowloris: half the headers, then nothing.
+    let mut s = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let took = closed_within(s, Duration::from_secs(5)).await;
+    assert!(took.is_some(), "a slow header was not cut off");
+    // A connection that never sends anything.
+    let s = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    assert!(closed_within(s, Duration::from_secs(5)).await.is_some());
+
+    // The cap: two connections held (each sends a byte now and then, as a slow client
+    // would not: the header timeout would close it) ...
+    let a = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    let b = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... so a third request waits ...
+    let third = tokio::spawn({
+        let c = h.c.clone();
+        let url = h.srv.url("/v1/health");
+        async move { c.get(url).send().await.map(|r| r.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!third.is_finished(), "served a third connection at once");
+    // ... until the held ones are cut off by the header timeout.
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third request was served once a slot freed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop((a, b));
+}

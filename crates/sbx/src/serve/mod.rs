@@ -18,7 +18,7 @@
 //! The server can be built over any [`Scheduler`] ([`router`], [`serve`]), which is how
 //! the tests run it over the core's fakes; [`spawn_for_test`] starts one on a free port.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +76,11 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// How many closed session ids answer 410 (older ones answer 404).
     pub recently_closed: usize,
+    /// Client connections open at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// keep-alive connection is kept: slow or silent clients cannot hold connections.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServeConfig {
@@ -88,6 +93,8 @@ impl Default for ServeConfig {
             max_file_bytes: guest_proto::limits::MAX_FILE_BYTES,
             shutdown_grace: Duration::from_secs(10),
             recently_closed: 4096,
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -468,12 +475,7 @@ where
             }
         })
     };
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal)
-    .into_future();
+    let server = accept_loop(listener, app, state.inner.config.clone(), signal);
     let mut server = std::pin::pin!(server);
     let grace = state.inner.config.shutdown_grace;
     let result = tokio::select! {
@@ -502,6 +504,66 @@ where
     state.inner.scheduler.stop().await;
     info!("shutdown: every session and VM stopped");
     result
+}
+
+/// Accepts connections until `signal` resolves, then lets open connections finish their
+/// requests (graceful) and returns. At most [`ServeConfig::max_connections`] connections
+/// are served at once (the next `accept` waits for one to close), and each connection's
+/// request headers, and its idle time between requests, are bounded by
+/// [`ServeConfig::header_read_timeout`].
+async fn accept_loop<F>(
+    listener: TcpListener,
+    app: Router,
+    config: ServeConfig,
+    signal: F,
+) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::Service;
+
+    let mut make = app.into_make_service_with_connect_info::<SocketAddr>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        let permit = tokio::select! {
+            () = &mut signal => break,
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, addr) = tokio::select! {
+            () = &mut signal => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(svc) = make.call(addr).await;
+        let svc = TowerToHyperService::new(svc);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// A server started by [`spawn_for_test`] (or [`spawn`]).
