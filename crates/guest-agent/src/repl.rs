@@ -30,7 +30,7 @@
 //! blocked in `read` on the control pipe (Node). Code that forges a status and keeps
 //! running is not there, so its execution goes on (and times out as usual); code that
 //! forges it and then waits on the control pipe itself has stopped running, the same as
-//! returning (see [`waiting_for_request`]). The wrapper reaches that wait microseconds
+//! returning (see `waiting_for_request`). The wrapper reaches that wait microseconds
 //! after writing its status; the agent looks at once and then at growing intervals.
 //!
 //! Because the wrapper flushes stdout/stderr before it writes the status, every byte the
