@@ -552,7 +552,13 @@ impl Repl {
                                 if let Some(code) = parse_status(&mut status_buf, &id) {
                                     reported = Some(code);
                                     if waiting_for_request(language, pid, ctl_ino) {
-                                        result = Some((Some(code), false));
+                                        // The wrapper writes its status before it waits:
+                                        // a line that came after the one just read is the
+                                        // real one.
+                                        if let Some(code) = drain_status(status.get_ref(), &mut status_buf, &id) {
+                                            reported = Some(code);
+                                        }
+                                        result = Some((reported, false));
                                     } else {
                                         idle_check = Some((Instant::now() + IDLE_POLL_FIRST, IDLE_POLL_FIRST));
                                     }
@@ -566,6 +572,11 @@ impl Repl {
                 }
                 () = tokio::time::sleep_until(idle_check.map_or(deadline, |c| c.0).into()), if idle_check.is_some() => {
                     if waiting_for_request(language, pid, ctl_ino) {
+                        // The status the wrapper wrote before it began to wait may still
+                        // be unread (a forged one was read earlier): read it now.
+                        if let Some(code) = drain_status(status.get_ref(), &mut status_buf, &id) {
+                            reported = Some(code);
+                        }
                         result = Some((reported, false));
                     } else if let Some((_, pause)) = idle_check {
                         let pause = (pause * 2).min(IDLE_POLL_MAX);
@@ -673,6 +684,25 @@ fn parse_status(buf: &mut Vec<u8>, id: &str) -> Option<i32> {
     if buf.len() > 64 * 1024 {
         let cut = buf.len() - 1024;
         buf.drain(..cut);
+    }
+    found
+}
+
+/// Reads what the status pipe holds now (without blocking) and returns the last status
+/// for `id` in it, if any.
+fn drain_status(fd: &OwnedFd, buf: &mut Vec<u8>, id: &str) -> Option<i32> {
+    let mut chunk = vec![0u8; 4096];
+    let mut found = None;
+    for _ in 0..64 {
+        match read_fd(fd, &mut chunk) {
+            Ok(Read::Data(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(code) = parse_status(buf, id) {
+                    found = Some(code);
+                }
+            }
+            _ => break,
+        }
     }
     found
 }
