@@ -202,6 +202,8 @@ async fn dns_at_proxy(queries: usize) -> Result<Value> {
         resolver: Arc::new(
             StaticResolver::new().with("bench.test", &[Ipv4Addr::new(198, 18, 0, 1)]),
         ),
+        // A benchmarking address: answered only in a range the operator allowed.
+        allowed_ranges: vec![netproxy::Ipv4Range::new(Ipv4Addr::new(198, 18, 0, 0), 15)],
         ..ProxyConfig::default()
     };
     let proxy = NetProxy::new(cfg);

@@ -8,7 +8,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, symlink};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt, symlink};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,6 +21,9 @@ pub const SYSCTLS: &[(&str, &str)] = &[
     ("net/core/bpf_jit_harden", "2"),
     ("kernel/kptr_restrict", "2"),
     ("kernel/dmesg_restrict", "1"),
+    // Nobody writes to /dev/kmsg (the agent logs to the console itself): lines there
+    // would reach the console the host reads, looking like the kernel's.
+    ("kernel/printk_devkmsg", "off"),
     ("kernel/yama/ptrace_scope", "2"),
     ("kernel/perf_event_paranoid", "3"),
     ("kernel/sysrq", "0"),
@@ -180,6 +183,24 @@ pub fn clean_dev(dev: &Path) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_block_device()) {
                 let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+    // The kernel log and the consoles are root's alone (devtmpfs makes /dev/kmsg 0644):
+    // user code can neither read the log nor write forged lines where the host reads.
+    if let Ok(entries) = fs::read_dir(dev) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let console = name == "kmsg"
+                || name == "console"
+                || name.starts_with("hvc")
+                || name.starts_with("ttyS")
+                || name
+                    .strip_prefix("tty")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if console {
+                let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600));
             }
         }
     }

@@ -20,6 +20,19 @@
 //! report: it compares its pid with the one it started with, and a forked child that
 //! returns into the loop exits without writing.
 //!
+//! A status line is a claim, not the proof: the wrapper shares its process with the user
+//! code, which can read the request (and its id) from the wrapper's own frame and write
+//! `<id> 0` to fd 4 itself. No secret held in that process is out of the code's reach, so
+//! the proof comes from the kernel instead: an execution ends only once the interpreter is
+//! back in the wrapper's wait for the next request, as `/proc/<pid>/task/*/syscall` shows
+//! it (readable only by the agent: the REPL is non-dumpable): its main thread blocked in
+//! `read` on the control pipe (Python, bash), or idle in `epoll_wait` with a thread
+//! blocked in `read` on the control pipe (Node). Code that forges a status and keeps
+//! running is not there, so its execution goes on (and times out as usual); code that
+//! forges it and then waits on the control pipe itself has stopped running, the same as
+//! returning (see `waiting_for_request`). The wrapper reaches that wait microseconds
+//! after writing its status; the agent looks at once and then at growing intervals.
+//!
 //! Because the wrapper flushes stdout/stderr before it writes the status, every byte the
 //! code produced is already in the pipes when the status arrives: the agent then drains
 //! them without blocking and ends the execution. Nothing waits for a pipe's EOF or for a
@@ -56,6 +69,10 @@ const READ_BYTES: usize = guest_proto::CHUNK_BYTES;
 const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
 /// How long to wait for a REPL to die after SIGKILL before giving up on it.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// First and longest pause between two looks at whether the interpreter waits for the
+/// next request, after it reported a status.
+const IDLE_POLL_FIRST: Duration = Duration::from_micros(100);
+const IDLE_POLL_MAX: Duration = Duration::from_millis(10);
 
 /// Why an execution was interrupted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +120,8 @@ pub struct Repl {
     out: AsyncFd<OwnedFd>,
     err: AsyncFd<OwnedFd>,
     status: AsyncFd<OwnedFd>,
+    /// Inode of the control pipe (`pipe:[ino]` in `/proc/<pid>/fd`).
+    ctl_ino: u64,
     exit: oneshot::Receiver<ExitKind>,
     exited: Option<ExitKind>,
     sweep: Sweep,
@@ -257,6 +276,7 @@ impl Repl {
     /// Starts the interpreter for `language`.
     pub fn spawn(language: Language, cfg: &AgentConfig) -> io::Result<Repl> {
         let (ctl_r, ctl_w) = process::pipe()?;
+        let ctl_ino = nix::sys::stat::fstat(&ctl_w)?.st_ino;
         let (st_r, st_w) = process::pipe()?;
         let ctl_child = process::dup_above(&ctl_r, 10)?;
         let st_child = process::dup_above(&st_w, 10)?;
@@ -292,6 +312,7 @@ impl Repl {
             out: async_fd(OwnedFd::from(stdout))?,
             err: async_fd(OwnedFd::from(stderr))?,
             status: async_fd(st_r)?,
+            ctl_ino,
             exit: spawned.exit,
             exited: None,
             sweep: Sweep {
@@ -477,15 +498,22 @@ impl Repl {
         let mut interrupted = None;
         let pid = self.pid;
 
+        let language = self.language;
         let Repl {
             ctl,
             out: out_fd,
             err: err_fd,
             status,
+            ctl_ino,
             exit,
             exited,
             ..
         } = self;
+        let ctl_ino = *ctl_ino;
+        // The last status the wrapper (or something in its process) reported, waiting for
+        // the interpreter to be back in its wait for the next request.
+        let mut reported: Option<i32> = None;
+        let mut idle_check: Option<(Instant, Duration)> = None;
 
         let mut result: Option<(Option<i32>, bool)> = None;
         if let Some(kind) = exited {
@@ -531,13 +559,37 @@ impl Repl {
                             Ok(Ok(Read::Data(n))) => {
                                 status_buf.extend_from_slice(&buf[..n]);
                                 if let Some(code) = parse_status(&mut status_buf, &id) {
-                                    result = Some((Some(code), false));
+                                    reported = Some(code);
+                                    if waiting_for_request(language, pid, ctl_ino) {
+                                        // The wrapper writes its status before it waits:
+                                        // a line that came after the one just read is the
+                                        // real one.
+                                        if let Some(code) = drain_status(status.get_ref(), &mut status_buf, &id) {
+                                            reported = Some(code);
+                                        }
+                                        result = Some((reported, false));
+                                    } else {
+                                        idle_check = Some((Instant::now() + IDLE_POLL_FIRST, IDLE_POLL_FIRST));
+                                    }
                                 }
                             }
                             Ok(Ok(Read::WouldBlock)) => guard.clear_ready(),
                             Ok(Ok(Read::Eof)) | Ok(Err(_)) => status_open = false,
                             Err(_would_block) => {}
                         }
+                    }
+                }
+                () = tokio::time::sleep_until(idle_check.map_or(deadline, |c| c.0).into()), if idle_check.is_some() => {
+                    if waiting_for_request(language, pid, ctl_ino) {
+                        // The status the wrapper wrote before it began to wait may still
+                        // be unread (a forged one was read earlier): read it now.
+                        if let Some(code) = drain_status(status.get_ref(), &mut status_buf, &id) {
+                            reported = Some(code);
+                        }
+                        result = Some((reported, false));
+                    } else if let Some((_, pause)) = idle_check {
+                        let pause = (pause * 2).min(IDLE_POLL_MAX);
+                        idle_check = Some((Instant::now() + pause, pause));
                     }
                 }
                 r = &mut *exit, if exited.is_none() => {
@@ -622,7 +674,8 @@ fn killed_by_termination(code: i32) -> bool {
     code == 128 + Signal::SIGTERM as i32 || code == 128 + Signal::SIGKILL as i32
 }
 
-/// Finds the status line for `id` in `buf`; drops complete lines that are not it.
+/// Finds the last status line for `id` among the complete lines in `buf` and consumes
+/// them (a forged line followed by the wrapper's own one yields the wrapper's).
 fn parse_status(buf: &mut Vec<u8>, id: &str) -> Option<i32> {
     let mut found = None;
     while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
@@ -634,7 +687,6 @@ fn parse_status(buf: &mut Vec<u8>, id: &str) -> Option<i32> {
             let rest = text[pos + id.len()..].trim();
             if let Ok(code) = rest.parse::<i32>() {
                 found = Some(code);
-                break;
             }
         }
     }
@@ -643,6 +695,87 @@ fn parse_status(buf: &mut Vec<u8>, id: &str) -> Option<i32> {
         buf.drain(..cut);
     }
     found
+}
+
+/// Reads what the status pipe holds now (without blocking) and returns the last status
+/// for `id` in it, if any.
+fn drain_status(fd: &OwnedFd, buf: &mut Vec<u8>, id: &str) -> Option<i32> {
+    let mut chunk = vec![0u8; 4096];
+    let mut found = None;
+    for _ in 0..64 {
+        match read_fd(fd, &mut chunk) {
+            Ok(Read::Data(n)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(code) = parse_status(buf, id) {
+                    found = Some(code);
+                }
+            }
+            _ => break,
+        }
+    }
+    found
+}
+
+/// Syscall numbers (x86_64) of `read` and of the `epoll_wait` family.
+const SYS_READ: i64 = 0;
+const SYS_EPOLL_WAIT: [i64; 3] = [232, 281, 441];
+
+/// One thread's `/proc/<pid>/task/<tid>/syscall`: the syscall it is blocked in and its
+/// first argument, or `None` when it runs (or the file cannot be read).
+fn blocked_in(pid: i32, tid: &str) -> Option<(i64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    parse_syscall(&text)
+}
+
+/// Parses the text of a `syscall` file: `"<nr> <arg0 hex> ..."` while blocked in a
+/// syscall, `"-1 <sp> <pc>"` in user mode, `"running"` on a CPU.
+fn parse_syscall(text: &str) -> Option<(i64, u64)> {
+    let mut words = text.split_whitespace();
+    let nr: i64 = words.next()?.parse().ok()?;
+    if nr < 0 {
+        return None;
+    }
+    let arg0 = u64::from_str_radix(words.next()?.trim_start_matches("0x"), 16).ok()?;
+    Some((nr, arg0))
+}
+
+/// True when `fd` of process `pid` is the pipe with inode `ino`.
+fn is_pipe(pid: i32, fd: u64, ino: u64) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .is_ok_and(|target| target.as_os_str() == format!("pipe:[{ino}]").as_str())
+}
+
+/// Whether the interpreter `pid` is back in the wrapper's wait for the next request,
+/// as the kernel shows it (see the module docs): its main thread blocked in `read` on
+/// the control pipe (inode `ctl_ino`) for Python and bash; for Node, its main thread idle
+/// in `epoll_wait` and one of its threads blocked in `read` on the control pipe (libuv
+/// reads files on its thread pool).
+///
+/// Where `/proc` cannot tell (not mounted, or the agent lacks the right to look: only in
+/// host tests run without root) this answers true, which is the status line alone.
+fn waiting_for_request(language: Language, pid: i32, ctl_ino: u64) -> bool {
+    let main = pid.to_string();
+    if std::fs::read_to_string(format!("/proc/{pid}/task/{main}/syscall")).is_err() {
+        return true;
+    }
+    let reading_ctl = |tid: &str| {
+        blocked_in(pid, tid).is_some_and(|(nr, fd)| nr == SYS_READ && is_pipe(pid, fd, ctl_ino))
+    };
+    match language {
+        Language::Python | Language::Raw => reading_ctl(&main),
+        Language::Javascript => {
+            if !blocked_in(pid, &main).is_some_and(|(nr, _)| SYS_EPOLL_WAIT.contains(&nr)) {
+                return false;
+            }
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return true;
+            };
+            tasks
+                .flatten()
+                .filter_map(|t| t.file_name().into_string().ok())
+                .any(|tid| tid != main && reading_ctl(&tid))
+        }
+    }
 }
 
 /// Quotes `s` for bash in single quotes.
@@ -707,6 +840,60 @@ mod tests {
         assert_eq!(parse_status(&mut partial, "deadbeef"), None);
         partial.extend_from_slice(b"\n");
         assert_eq!(parse_status(&mut partial, "deadbeef"), Some(4));
+    }
+
+    #[test]
+    fn the_last_status_for_the_id_wins() {
+        let mut buf = b"deadbeef 0\ndeadbeef 3\n".to_vec();
+        assert_eq!(parse_status(&mut buf, "deadbeef"), Some(3));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn syscall_files_are_parsed() {
+        assert_eq!(
+            parse_syscall("0 0x3 0x7f27e0ff2870 0x10000 0x0 0x0 0x0 0x7ffc 0x7f27\n"),
+            Some((0, 3))
+        );
+        assert_eq!(
+            parse_syscall("232 0x5 0x7ff 0x400 0xffffffff 0x0 0x0 0x1 0x2"),
+            Some((232, 5))
+        );
+        assert_eq!(parse_syscall("-1 0x7ffc01419fb8 0x7f27e11162ad\n"), None);
+        assert_eq!(parse_syscall("running\n"), None);
+        assert_eq!(parse_syscall(""), None);
+    }
+
+    #[test]
+    fn a_process_blocked_on_another_pipe_is_not_waiting_for_a_request() {
+        let (r, w) = process::pipe().unwrap();
+        let ino = nix::sys::stat::fstat(&w).unwrap().st_ino;
+        let (r2, _w2) = process::pipe().unwrap();
+        // A child blocked in read(0) on `r` (stdin), and one blocked on an unrelated pipe.
+        let spawn = |fd: &OwnedFd| {
+            Command::new("sh")
+                .args(["-c", "read x"])
+                .stdin(Stdio::from(fd.try_clone().unwrap()))
+                .spawn()
+                .unwrap()
+        };
+        let mut on_ctl = spawn(&r);
+        let mut elsewhere = spawn(&r2);
+        let start = Instant::now();
+        let pid = |c: &std::process::Child| i32::try_from(c.id()).unwrap();
+        while !waiting_for_request(Language::Raw, pid(&on_ctl), ino)
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(waiting_for_request(Language::Raw, pid(&on_ctl), ino));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiting_for_request(Language::Raw, pid(&elsewhere), ino));
+        for c in [&mut on_ctl, &mut elsewhere] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        drop(w);
     }
 
     #[test]

@@ -110,6 +110,53 @@ fn ops_lock(ops: &Ops) -> std::sync::MutexGuard<'_, HashMap<OpId, CancellationTo
     ops.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Queues `frame` on the connection; false when the connection is unusable.
+///
+/// A reply too large for one frame (a listing of a directory with very many or very long
+/// names, which ordinary user code can create) is not written at all (the codec refuses
+/// it before writing anything) and becomes an error for that operation alone, so the
+/// connection stays healthy and the host's call fails instead of waiting forever.
+async fn feed_or_refuse<W>(
+    sink: &mut FramedWrite<W, GuestCodec>,
+    frame: Frame<GuestMessage>,
+) -> bool
+where
+    W: AsyncWrite + Unpin,
+{
+    let op_id = frame.op_id;
+    let name = frame.msg.name();
+    match sink.feed(frame).await {
+        Ok(()) => true,
+        Err(guest_proto::ProtoError::FrameTooLarge { len, max }) => {
+            warn!(
+                op = name,
+                len, max, "reply too large for one frame; answered with an error"
+            );
+            let refusal = Frame::new(
+                op_id,
+                error(
+                    GuestErrorKind::Request,
+                    format!(
+                        "the {name} reply would be {len} bytes, over the {max}-byte frame limit \
+                         (a directory with too many entries?)"
+                    ),
+                ),
+            );
+            match sink.feed(refusal).await {
+                Ok(()) => true,
+                Err(err) => {
+                    debug!(%err, "writing to the host failed");
+                    false
+                }
+            }
+        }
+        Err(err) => {
+            debug!(%err, "writing to the host failed");
+            false
+        }
+    }
+}
+
 /// Serves one host connection until it closes or the host asks for shutdown.
 pub async fn serve_connection<R, W>(engine: Arc<Engine>, reader: R, writer: W) -> ConnectionEnd
 where
@@ -120,13 +167,11 @@ where
     let writer_task = tokio::spawn(async move {
         let mut sink = FramedWrite::new(writer, GuestCodec::new());
         while let Some(frame) = rx.recv().await {
-            if let Err(err) = sink.feed(frame).await {
-                debug!(%err, "writing to the host failed");
+            if !feed_or_refuse(&mut sink, frame).await {
                 return;
             }
             while let Ok(frame) = rx.try_recv() {
-                if let Err(err) = sink.feed(frame).await {
-                    debug!(%err, "writing to the host failed");
+                if !feed_or_refuse(&mut sink, frame).await {
                     return;
                 }
             }

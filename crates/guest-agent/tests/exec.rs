@@ -407,6 +407,47 @@ async fn spoofed_markers_have_no_effect() {
     assert!(r.out().ends_with("done\n"));
 }
 
+/// User code shares the wrapper's process: it can read the request (and its id) from
+/// the wrapper's frame and write the status line itself. That line must not end the
+/// execution while the code keeps running.
+#[tokio::test]
+async fn forged_status_with_the_real_id_does_not_end_the_exec() {
+    let h = Harness::new();
+    let code = "import os, sys, time\n\
+                req = sys._getframe(1).f_locals['req']\n\
+                os.write(4, ('%s 0\\n' % req['id']).encode())\n\
+                time.sleep(1)\n\
+                print('after')\n\
+                sys.exit(3)";
+    let r = h.exec(PY, code).await;
+    assert_eq!(r.code(), 3, "stderr: {}", r.err());
+    assert_eq!(r.out(), "after\n");
+    assert!(r.done_at >= Duration::from_millis(1000), "{:?}", r.done_at);
+    // Forging and then spinning until the timeout: a timeout, not an early exit 0.
+    let code = "import os, sys\n\
+                req = sys._getframe(1).f_locals['req']\n\
+                os.write(4, ('%s 0\\n' % req['id']).encode())\n\
+                while True: pass";
+    let r = h.exec_t(PY, code, 2).await;
+    assert!(r.done_at >= Duration::from_secs(2), "{:?}", r.done_at);
+    assert_eq!(r.code(), -1);
+    assert!(
+        r.err().contains("Execution timeout after 2s"),
+        "{}",
+        r.err()
+    );
+    assert_eq!(h.exec(PY, "print('fresh')").await.ok(), "fresh\n");
+
+    // bash: the id is a shell variable and fd 4 is saved on a high descriptor while the
+    // code runs.
+    let code = "for fd in $(seq 5 30); do { echo \"$__sbx_nonce 0\" >&$fd; } 2>/dev/null; done\n\
+                sleep 1; echo after; (exit 4)";
+    let r = h.exec(SH, code).await;
+    assert_eq!(r.code(), 4, "stderr: {}", r.err());
+    assert_eq!(r.out(), "after\n");
+    assert!(r.done_at >= Duration::from_millis(1000), "{:?}", r.done_at);
+}
+
 #[tokio::test]
 async fn forked_children_returning_into_the_loop_do_not_complete() {
     let h = Harness::new();

@@ -429,3 +429,54 @@ async fn resume_over_the_wire() {
     let (after, _) = c.until_done(4).await;
     assert_ne!(after, seeded);
 }
+
+/// A listing too large for one frame (ordinary user code can create the directory) is an
+/// error for that call; the connection keeps working.
+#[tokio::test]
+async fn oversized_listing_is_an_error_and_the_connection_survives() {
+    let agent = Agent::start();
+    let mut c = agent.connect().await;
+    let dir = agent.root().join("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    // 40,000 names of 240 bytes: about 11 MB of listing, over the 8 MiB frame limit.
+    for i in 0..40_000 {
+        let name = format!("{i:06}{}", "x".repeat(234));
+        std::fs::File::create(dir.join(name)).unwrap();
+    }
+    c.send(
+        1,
+        HostMessage::ListDir {
+            path: "many".into(),
+        },
+    )
+    .await;
+    let (_, reply) = c.until_done(1).await;
+    match reply {
+        GuestMessage::Error { kind, message } => {
+            assert_eq!(kind, GuestErrorKind::Request, "{message}");
+            assert!(message.contains("frame limit"), "{message}");
+        }
+        other => panic!("expected an error, got {}", other.name()),
+    }
+    // Same connection: a small listing and a ping still work.
+    c.send(2, HostMessage::ListDir { path: "".into() }).await;
+    let (_, reply) = c.until_done(2).await;
+    assert!(
+        matches!(reply, GuestMessage::DirListing { .. }),
+        "{}",
+        reply.name()
+    );
+    c.send(
+        3,
+        HostMessage::Ping {
+            protocol_version: guest_proto::PROTOCOL_VERSION,
+        },
+    )
+    .await;
+    let (_, reply) = c.until_done(3).await;
+    assert!(
+        matches!(reply, GuestMessage::Pong { .. }),
+        "{}",
+        reply.name()
+    );
+}

@@ -100,7 +100,16 @@ async fn resolve(ctx: &VmCtx, name: &str) -> Result<(Vec<Ipv4Addr>, Duration), R
     let looked_up =
         tokio::time::timeout(RESOLVE_TIMEOUT, ctx.config.resolver.lookup_ipv4(name)).await;
     match looked_up {
-        Ok(Ok(addrs)) => {
+        Ok(Ok(mut addrs)) => {
+            // DNS rebinding: a name may resolve anywhere, but the guest only ever learns
+            // (and may then connect to) addresses it is allowed to reach.
+            addrs.retain(|ip| match ctx.addresses.check(*ip) {
+                Ok(()) => true,
+                Err(_) => {
+                    ctx.deny_dns(Some(name), DenyReason::RebindingAnswer);
+                    false
+                }
+            });
             ctx.cache().insert(
                 name,
                 addrs.clone(),
@@ -152,8 +161,19 @@ mod tests {
 
     fn ctx(mode: Mode) -> VmCtx {
         let resolver = StaticResolver::new()
-            .with("example.com", &[Ipv4Addr::new(10, 0, 0, 1)])
-            .with("www.example.com", &[Ipv4Addr::new(10, 0, 0, 2)]);
+            .with("example.com", &[Ipv4Addr::new(203, 0, 113, 1)])
+            .with("www.example.com", &[Ipv4Addr::new(203, 0, 113, 2)])
+            .with(
+                "rebind.example.com",
+                &[
+                    Ipv4Addr::new(10, 0, 0, 1),
+                    Ipv4Addr::new(169, 254, 169, 254),
+                    Ipv4Addr::new(127, 0, 0, 1),
+                    Ipv4Addr::new(100, 100, 100, 200),
+                    Ipv4Addr::new(203, 0, 113, 9),
+                ],
+            )
+            .with("intranet.example.com", &[Ipv4Addr::new(10, 1, 2, 3)]);
         let cfg = ProxyConfig {
             resolver: Arc::new(resolver),
             ..ProxyConfig::default()
@@ -184,12 +204,78 @@ mod tests {
         assert_eq!(r.answers.len(), 1);
         assert!(
             c.cache()
-                .resolved_to("www.example.com", Ipv4Addr::new(10, 0, 0, 2))
+                .resolved_to("www.example.com", Ipv4Addr::new(203, 0, 113, 2))
         );
         let r = Message::from_vec(&rt.block_on(answer(&c, &query("evilexample.com"))).unwrap())
             .unwrap();
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
-        assert!(c.cache().names_for(Ipv4Addr::new(10, 0, 0, 1)).is_empty());
+        assert!(
+            c.cache()
+                .names_for(Ipv4Addr::new(203, 0, 113, 1))
+                .is_empty()
+        );
+    }
+
+    fn a_records(r: &Message) -> Vec<Ipv4Addr> {
+        r.answers
+            .iter()
+            .filter_map(|rec| match rec.data {
+                RData::A(A(ip)) => Some(ip),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// DNS rebinding: answers pointing into private, shared, link-local or loopback
+    /// ranges are dropped from the answer and never become connectable, in allowlist and
+    /// open mode alike.
+    #[test]
+    fn answers_into_special_ranges_are_dropped() {
+        let rt = rt();
+        for mode in [
+            Mode::Allowlist(Allowlist::new(&["example.com"])),
+            Mode::Open,
+        ] {
+            let c = ctx(mode);
+            let r = Message::from_vec(
+                &rt.block_on(answer(&c, &query("rebind.example.com")))
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(a_records(&r), vec![Ipv4Addr::new(203, 0, 113, 9)]);
+            assert_eq!(c.stats.snapshot().denied(DenyReason::RebindingAnswer), 4);
+            for ip in [
+                "10.0.0.1",
+                "169.254.169.254",
+                "127.0.0.1",
+                "100.100.100.200",
+            ] {
+                assert!(c.cache().names_for(ip.parse().unwrap()).is_empty(), "{ip}");
+            }
+            // Nothing left: an empty answer, and nothing remembered.
+            let r = Message::from_vec(
+                &rt.block_on(answer(&c, &query("intranet.example.com")))
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+            assert!(a_records(&r).is_empty());
+        }
+        // Unless the operator allowed that range.
+        let cfg = ProxyConfig {
+            resolver: Arc::new(
+                StaticResolver::new().with("intranet.example.com", &[Ipv4Addr::new(10, 1, 2, 3)]),
+            ),
+            allowed_ranges: vec!["10.1.0.0/16".parse().unwrap()],
+            ..ProxyConfig::default()
+        };
+        let c = VmCtx::new(VmId::new(), Mode::Open, Arc::new(cfg));
+        let r = Message::from_vec(
+            &rt.block_on(answer(&c, &query("intranet.example.com")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(a_records(&r), vec![Ipv4Addr::new(10, 1, 2, 3)]);
     }
 
     /// Prints the time to answer a cached allowed name (target: well under 1 ms).

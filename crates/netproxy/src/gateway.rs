@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::link::Link;
 use crate::packet::{Ingress, classify};
-use crate::policy::{DenyReason, DnsCache, HostAddrs, Mode, StatsCell};
+use crate::policy::{AddressPolicy, DenyReason, DnsCache, Mode, RateLimit, StatsCell};
 use crate::sni::{MAX_HELLO_BYTES, SniOutcome, parse_client_hello};
 use crate::stack::{AppEnd, Stack, StackConfig, ToStack};
 use crate::{GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_PREFIX_LEN, ProxyConfig};
@@ -26,6 +26,13 @@ const DNS_CONCURRENCY: usize = 64;
 const DNS_TCP_BACKLOG: usize = 4;
 /// Largest DNS message over TCP.
 const MAX_DNS_TCP: usize = 16 * 1024;
+/// DNS-over-TCP connections open at once per VM.
+pub(crate) const MAX_DNS_TCP_CONNS: usize = 4;
+/// A DNS-over-TCP connection that sends nothing for this long is closed.
+const DNS_TCP_IDLE: Duration = Duration::from_secs(10);
+/// Denials logged per second per VM (on average; bursts of twice that); the rest are
+/// counted ([`crate::ProxyStats::logs_suppressed`]) and summarised in the next log line.
+const DENY_LOGS_PER_SEC: u32 = 10;
 
 /// Everything the gateway's decisions need about one VM.
 #[derive(Debug)]
@@ -35,7 +42,18 @@ pub(crate) struct VmCtx {
     pub(crate) config: Arc<ProxyConfig>,
     pub(crate) stats: Arc<StatsCell>,
     cache: Mutex<DnsCache>,
-    host: HostAddrs,
+    pub(crate) addresses: AddressPolicy,
+    connect_rate: Mutex<RateLimit>,
+    deny_logs: Mutex<(RateLimit, u64)>,
+    pub(crate) dns_tcp_slots: Arc<Semaphore>,
+    pub(crate) forward_slots: Arc<Semaphore>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 /// How an allowed outbound TCP connection proceeds.
@@ -49,28 +67,54 @@ pub(crate) enum Plan {
 
 impl VmCtx {
     pub(crate) fn new(vm_id: VmId, mode: Mode, config: Arc<ProxyConfig>) -> Self {
-        let host = HostAddrs::discover(config.allow_loopback_upstreams);
+        let addresses =
+            AddressPolicy::discover(&config.allowed_ranges, config.allow_loopback_upstreams);
         Self {
             vm_id,
             mode,
-            config,
             stats: Arc::new(StatsCell::default()),
             cache: Mutex::new(DnsCache::default()),
-            host,
+            addresses,
+            connect_rate: Mutex::new(RateLimit::new(
+                config.max_connect_rate,
+                config.max_connect_burst,
+            )),
+            deny_logs: Mutex::new((RateLimit::new(DENY_LOGS_PER_SEC, 2 * DENY_LOGS_PER_SEC), 0)),
+            dns_tcp_slots: Arc::new(Semaphore::new(MAX_DNS_TCP_CONNS)),
+            forward_slots: Arc::new(Semaphore::new(config.max_forwards)),
+            config,
         }
     }
 
     pub(crate) fn cache(&self) -> MutexGuard<'_, DnsCache> {
-        match self.cache.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+        lock(&self.cache)
+    }
+
+    /// Whether this denial may be logged (at most [`DENY_LOGS_PER_SEC`] per second on
+    /// average): `Some(n)` with the number of denials not logged since the last one that
+    /// was, `None` (and counted as suppressed) when over the rate.
+    pub(crate) fn may_log_denial(&self) -> Option<u64> {
+        let mut g = lock(&self.deny_logs);
+        if g.0.take() {
+            Some(std::mem::take(&mut g.1))
+        } else {
+            g.1 += 1;
+            self.stats.suppressed();
+            None
         }
+    }
+
+    /// Takes one token of the VM's new-connection rate.
+    pub(crate) fn may_connect(&self) -> bool {
+        lock(&self.connect_rate).take()
     }
 
     pub(crate) fn deny_dns(&self, name: Option<&str>, reason: DenyReason) {
         self.stats.deny(reason);
-        tracing::info!(vm_id = %self.vm_id, proto = "dns", name, reason = reason.as_str(),
-            "network: denied");
+        if let Some(skipped) = self.may_log_denial() {
+            tracing::info!(vm_id = %self.vm_id, proto = "dns", name, reason = reason.as_str(),
+                not_logged_before = skipped, "network: denied");
+        }
     }
 
     pub(crate) fn allow_dns(&self, name: &str, qtype: RecordType, addrs: &[Ipv4Addr]) {
@@ -79,18 +123,25 @@ impl VmCtx {
             addrs = ?addrs, "network: allowed");
     }
 
-    fn deny_flow(&self, proto: &str, dst: SocketAddrV4, name: Option<&str>, reason: DenyReason) {
+    pub(crate) fn deny_flow(
+        &self,
+        proto: &str,
+        dst: SocketAddrV4,
+        name: Option<&str>,
+        reason: DenyReason,
+    ) {
         self.stats.deny(reason);
-        // Per-packet noise (UDP, ICMP, IPv6) at debug; connection decisions at info.
+        // Per-packet noise (UDP, ICMP, IPv6) at debug; connection decisions at info, at
+        // a bounded rate.
         if matches!(
             reason,
             DenyReason::Udp | DenyReason::Icmp | DenyReason::Protocol
         ) {
             tracing::debug!(vm_id = %self.vm_id, proto, dst = %dst, name,
                 reason = reason.as_str(), "network: denied");
-        } else {
+        } else if let Some(skipped) = self.may_log_denial() {
             tracing::info!(vm_id = %self.vm_id, proto, dst = %dst, name,
-                reason = reason.as_str(), "network: denied");
+                reason = reason.as_str(), not_logged_before = skipped, "network: denied");
         }
     }
 
@@ -111,13 +162,13 @@ impl VmCtx {
     /// The decision on a guest SYN to `dst` (not the gateway). Policy checks use the
     /// guest-visible `dst`; the host-address rules apply to it and to the real upstream.
     pub(crate) fn check_syn(&self, dst: SocketAddrV4) -> Result<Plan, DenyReason> {
+        if matches!(self.mode, Mode::PortsOnly) {
+            return Err(DenyReason::PortsOnly);
+        }
+        self.addresses.check(*dst.ip())?;
+        self.addresses.check(*self.upstream(dst).ip())?;
         match &self.mode {
             Mode::PortsOnly => Err(DenyReason::PortsOnly),
-            _ if self.host.forbidden(*dst.ip())
-                || self.host.forbidden(*self.upstream(dst).ip()) =>
-            {
-                Err(DenyReason::HostAddress)
-            }
             Mode::Open => Ok(Plan::Direct),
             Mode::Allowlist(_) => {
                 if self.cache().names_for(*dst.ip()).is_empty() {
@@ -190,7 +241,9 @@ pub(crate) async fn run(
         Arc::clone(&notify),
     );
     let dns_udp = stack.add_udp(Some(GATEWAY_IP), 53);
-    let mut dns_tcp = stack.listen(Some(GATEWAY_IP), 53, DNS_TCP_BACKLOG);
+    // Ports-only mode answers no DNS at all: no TCP listener (SYNs to 53 get a RST).
+    let mut dns_tcp = (!matches!(ctx.mode, Mode::PortsOnly))
+        .then(|| stack.listen(Some(GATEWAY_IP), 53, DNS_TCP_BACKLOG));
     let dns_slots = Arc::new(Semaphore::new(DNS_CONCURRENCY));
     let (dns_reply_tx, mut dns_reply_rx) = mpsc::channel::<(SocketAddrV4, Vec<u8>)>(256);
     let mut link: Option<Link> = None;
@@ -218,9 +271,24 @@ pub(crate) async fn run(
                 drop(permit);
             });
         }
-        while let Ok(app) = dns_tcp.try_recv() {
+        while let Some(Ok(app)) = dns_tcp.as_mut().map(mpsc::Receiver::try_recv) {
+            let Ok(permit) = Arc::clone(&ctx.dns_tcp_slots).try_acquire_owned() else {
+                ctx.deny_flow(
+                    "dns",
+                    SocketAddrV4::new(GATEWAY_IP, 53),
+                    None,
+                    DenyReason::TooManyDnsConnections,
+                );
+                spawn_child(&cancel, async move {
+                    app.send(ToStack::Abort).await;
+                });
+                continue;
+            };
             let ctx = Arc::clone(&ctx);
-            spawn_child(&cancel, serve_dns_tcp(ctx, app));
+            spawn_child(&cancel, async move {
+                serve_dns_tcp(ctx, app).await;
+                drop(permit);
+            });
         }
         let out = stack.take_tx();
         if let Some(l) = link.as_mut()
@@ -330,6 +398,9 @@ fn handle_frame(ctx: &Arc<VmCtx>, stack: &mut Stack, cancel: &CancellationToken,
                 Ok(_) if stack.conn_count() >= ctx.config.max_connections => {
                     ctx.deny_flow("tcp", dst, None, DenyReason::TooManyConnections);
                 }
+                Ok(_) if !ctx.may_connect() => {
+                    ctx.deny_flow("tcp", dst, None, DenyReason::RateLimited);
+                }
                 Ok(plan) => {
                     let app = stack.accept_on_demand(src, dst);
                     spawn_child(cancel, outbound(Arc::clone(ctx), app, dst, plan));
@@ -415,16 +486,18 @@ async fn serve_dns_tcp(ctx: Arc<VmCtx>, app: AppEnd) {
     let mut s = app.into_stream();
     loop {
         let mut len = [0u8; 2];
-        if s.read_exact(&mut len).await.is_err() {
-            return;
+        match tokio::time::timeout(DNS_TCP_IDLE, s.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
         let len = usize::from(u16::from_be_bytes(len));
         if len == 0 || len > MAX_DNS_TCP {
             return;
         }
         let mut msg = vec![0u8; len];
-        if s.read_exact(&mut msg).await.is_err() {
-            return;
+        match tokio::time::timeout(DNS_TCP_IDLE, s.read_exact(&mut msg)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => return,
         }
         let Some(reply) = crate::dns::answer(&ctx, &msg).await else {
             return;
@@ -616,6 +689,44 @@ mod tests {
         assert_eq!(reply_control(&mut stack), Some((false, true)));
         assert_eq!(stack.conn_count(), 1);
         cancel.cancel();
+    }
+
+    #[test]
+    fn ports_only_has_no_dns_over_tcp_and_special_ranges_get_rst() {
+        let (ctx, mut stack) = gateway(Mode::Open);
+        let cancel = CancellationToken::new();
+        for (ip, reason) in [
+            (Ipv4Addr::new(10, 0, 0, 1), DenyReason::ReservedAddress),
+            (Ipv4Addr::new(100, 64, 1, 1), DenyReason::ReservedAddress),
+            (Ipv4Addr::new(169, 254, 169, 254), DenyReason::HostAddress),
+        ] {
+            handle_frame(
+                &ctx,
+                &mut stack,
+                &cancel,
+                syn_frame(SocketAddrV4::new(ip, 80)),
+            );
+            assert_eq!(reply_control(&mut stack), Some((true, false)), "{ip}");
+            assert!(ctx.stats.snapshot().denied(reason) > 0, "{ip}");
+        }
+        assert_eq!(stack.conn_count(), 0);
+    }
+
+    #[test]
+    fn denial_logs_are_rate_limited_but_every_denial_is_counted() {
+        let (ctx, _stack) = gateway(Mode::PortsOnly);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80);
+        for _ in 0..1000 {
+            ctx.deny_flow("tcp", dst, None, DenyReason::PortsOnly);
+        }
+        let s = ctx.stats.snapshot();
+        assert_eq!(s.denied(DenyReason::PortsOnly), 1000);
+        let logged = 1000 - s.logs_suppressed;
+        assert!(
+            logged <= u64::from(2 * DENY_LOGS_PER_SEC) + 2,
+            "{logged} denials logged"
+        );
+        assert!(logged >= 1);
     }
 
     proptest! {

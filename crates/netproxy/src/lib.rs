@@ -37,9 +37,26 @@
 //!
 //! In every mode a guest can never reach the host's loopback, the host's own addresses,
 //! link-local addresses (cloud metadata), multicast/broadcast, or other addresses of the VM
-//! network; non-DNS UDP, ICMP, IPv6 and IP fragments are dropped. Each decision is logged
-//! with `tracing` (fields `vm_id`, `proto`, `dst`, `name`, `reason`) and counted
-//! ([`NetProxy::stats`]).
+//! network; nor the special-purpose ranges ([`policy::SPECIAL_RANGES`]: RFC 1918,
+//! 100.64.0.0/10, 192.0.0.0/24, 198.18.0.0/15, 0/8, 240/4) unless the operator allows a
+//! range ([`ProxyConfig::allowed_ranges`]). DNS answers pointing into a range the guest
+//! may not reach are dropped from the answer (DNS rebinding: a public name that resolves to
+//! 10.0.0.1 or 169.254.169.254 never becomes reachable through the name). Non-DNS UDP,
+//! ICMP, IPv6 and IP fragments are dropped. Each decision is counted
+//! ([`NetProxy::stats`]) and logged with `tracing` (fields `vm_id`, `proto`, `dst`,
+//! `name`, `reason`); denial logs are rate-limited per VM (the rest are counted as
+//! [`ProxyStats::logs_suppressed`]).
+//!
+//! # Per-VM caps
+//!
+//! Every gateway resource a guest (or a host client of a forward) can make it hold is
+//! bounded per VM: concurrent guest TCP connections ([`ProxyConfig::max_connections`])
+//! and their rate ([`ProxyConfig::max_connect_rate`], bursts of
+//! [`ProxyConfig::max_connect_burst`]), DNS queries in flight (64), DNS-over-TCP
+//! connections (4, each closed after 10 s without a query; none at all in ports-only
+//! mode), host connections to forwarded ports ([`ProxyConfig::max_forwards`]), and
+//! buffers: [`ProxyConfig::tcp_buffer_bytes`] each way per connection, 1024 queued
+//! frames on the QEMU link.
 //!
 //! # Forwards
 //!
@@ -87,7 +104,7 @@ mod stack;
 pub mod testing;
 
 pub use error::NetProxyError;
-pub use policy::{Allowlist, DenyReason, Mode, ProxyStats};
+pub use policy::{AddressPolicy, Allowlist, DenyReason, Ipv4Range, Mode, ProxyStats};
 pub use resolver::{Resolver, StaticResolver, SystemResolver};
 
 use gateway::{Cmd, VmCtx};
@@ -159,6 +176,17 @@ pub struct ProxyConfig {
     /// Ports on which allowlist mode accepts (SNI-checked) TLS; default `[443]`. Tests
     /// use OS-assigned ports here.
     pub tls_ports: Vec<u16>,
+    /// Special-purpose ranges ([`policy::SPECIAL_RANGES`], e.g. an intranet in
+    /// `10.0.0.0/8`) the operator lets guests reach in open and allowlist modes; default
+    /// none. Never opens loopback, link-local, multicast, the VM network or the host's own
+    /// addresses.
+    pub allowed_ranges: Vec<policy::Ipv4Range>,
+    /// New guest TCP connections per second per VM, on average; more get a RST.
+    pub max_connect_rate: u32,
+    /// Burst of new guest TCP connections above [`ProxyConfig::max_connect_rate`].
+    pub max_connect_burst: u32,
+    /// Host connections to the forwarded ports open at once per VM; more are closed.
+    pub max_forwards: usize,
 }
 
 impl Default for ProxyConfig {
@@ -174,6 +202,10 @@ impl Default for ProxyConfig {
             sni_timeout: Duration::from_secs(10),
             tcp_buffer_bytes: 256 * 1024,
             tls_ports: vec![443],
+            allowed_ranges: Vec::new(),
+            max_connect_rate: 50,
+            max_connect_burst: 100,
+            max_forwards: 64,
         }
     }
 }
@@ -410,6 +442,16 @@ async fn forward(
                 continue;
             }
         };
+        let Ok(permit) = Arc::clone(&ctx.forward_slots).try_acquire_owned() else {
+            ctx.deny_flow(
+                "forward",
+                std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, internal),
+                None,
+                DenyReason::TooManyForwards,
+            );
+            drop(sock);
+            continue;
+        };
         let _ = sock.set_nodelay(true);
         let (reply, answer) = oneshot::channel();
         if cmds
@@ -435,6 +477,7 @@ async fn forward(
                 () = cancel.cancelled() => {}
                 () = app.splice(sock) => {}
             }
+            drop(permit);
         });
     }
 }

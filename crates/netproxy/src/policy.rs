@@ -115,6 +115,19 @@ pub enum DenyReason {
     GatewayPort,
     /// Too many concurrent connections for this VM.
     TooManyConnections,
+    /// TCP: the destination is in a private, shared, reserved or benchmarking range
+    /// ([`SPECIAL_RANGES`]) that the operator did not allow
+    /// ([`ProxyConfig::allowed_ranges`](crate::ProxyConfig::allowed_ranges)).
+    ReservedAddress,
+    /// DNS: an upstream answer pointed into a range the guest may not reach (DNS
+    /// rebinding); the address was dropped from the answer.
+    RebindingAnswer,
+    /// TCP: this VM opened new connections faster than its rate cap.
+    RateLimited,
+    /// DNS over TCP: too many connections for this VM.
+    TooManyDnsConnections,
+    /// A host connection to a forwarded port: too many for this VM.
+    TooManyForwards,
 }
 
 impl DenyReason {
@@ -137,6 +150,11 @@ impl DenyReason {
             Self::Protocol => "protocol",
             Self::GatewayPort => "gateway_port",
             Self::TooManyConnections => "too_many_connections",
+            Self::ReservedAddress => "reserved_address",
+            Self::RebindingAnswer => "rebinding_answer",
+            Self::RateLimited => "rate_limited",
+            Self::TooManyDnsConnections => "too_many_dns_connections",
+            Self::TooManyForwards => "too_many_forwards",
         }
     }
 }
@@ -160,6 +178,8 @@ pub struct ProxyStats {
     pub failed: BTreeMap<String, u64>,
     /// How many times a peer (QEMU) connected to the VM's network socket.
     pub attachments: u64,
+    /// Denials counted but not logged (denial logs are rate-limited per VM).
+    pub logs_suppressed: u64,
 }
 
 impl ProxyStats {
@@ -206,6 +226,10 @@ impl StatsCell {
 
     pub(crate) fn attached(&self) {
         self.with(|s| s.attachments += 1);
+    }
+
+    pub(crate) fn suppressed(&self) {
+        self.with(|s| s.logs_suppressed += 1);
     }
 
     pub(crate) fn snapshot(&self) -> ProxyStats {
@@ -284,45 +308,205 @@ impl DnsCache {
     }
 }
 
-/// Host addresses a guest may never reach.
+/// An IPv4 range, `address/prefix` (a bare address is a `/32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Range {
+    base: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Range {
+    /// The range of `prefix` leading bits of `addr` (a prefix above 32 is 32).
+    pub const fn new(addr: Ipv4Addr, prefix: u8) -> Self {
+        let prefix = if prefix > 32 { 32 } else { prefix };
+        let bits = addr.to_bits();
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        };
+        Self {
+            base: Ipv4Addr::from_bits(bits & mask),
+            prefix,
+        }
+    }
+
+    /// True when `ip` is inside the range.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.prefix == 0 || (ip.to_bits() ^ self.base.to_bits()) >> (32 - self.prefix) == 0
+    }
+}
+
+impl fmt::Display for Ipv4Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Ipv4Range {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (
+                a,
+                p.parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= 32)
+                    .ok_or_else(|| format!("bad prefix length in {s:?} (0-32)"))?,
+            ),
+            None => (s, 32),
+        };
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("bad IPv4 range {s:?} (want A.B.C.D/N)"))?;
+        Ok(Self::new(addr, prefix))
+    }
+}
+
+/// Special-purpose IPv4 ranges (IANA registry) that open and allowlist modes never reach
+/// unless the operator allows a range ([`ProxyConfig::allowed_ranges`](crate::ProxyConfig::allowed_ranges)):
+/// private networks, shared address space, IETF protocol assignments, benchmarking,
+/// "this network" and the reserved 240/4. Loopback, link-local (cloud metadata),
+/// multicast and broadcast are refused even then (see [`AddressPolicy::check`]).
+pub const SPECIAL_RANGES: &[(Ipv4Range, &str)] = &[
+    (Ipv4Range::new(Ipv4Addr::new(0, 0, 0, 0), 8), "this network"),
+    (
+        Ipv4Range::new(Ipv4Addr::new(10, 0, 0, 0), 8),
+        "private (RFC 1918)",
+    ),
+    (
+        Ipv4Range::new(Ipv4Addr::new(100, 64, 0, 0), 10),
+        "shared (RFC 6598)",
+    ),
+    (
+        Ipv4Range::new(Ipv4Addr::new(172, 16, 0, 0), 12),
+        "private (RFC 1918)",
+    ),
+    (
+        Ipv4Range::new(Ipv4Addr::new(192, 0, 0, 0), 24),
+        "IETF protocol assignments",
+    ),
+    (
+        Ipv4Range::new(Ipv4Addr::new(192, 168, 0, 0), 16),
+        "private (RFC 1918)",
+    ),
+    (
+        Ipv4Range::new(Ipv4Addr::new(198, 18, 0, 0), 15),
+        "benchmarking (RFC 2544)",
+    ),
+    (Ipv4Range::new(Ipv4Addr::new(240, 0, 0, 0), 4), "reserved"),
+];
+
+/// Which destinations a guest may reach at all, whatever names resolve to: the host's own
+/// addresses and the special-purpose ranges are refused.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct HostAddrs {
-    addrs: HashSet<Ipv4Addr>,
+pub struct AddressPolicy {
+    host: HashSet<Ipv4Addr>,
+    allowed: Vec<Ipv4Range>,
     allow_loopback: bool,
 }
 
-impl HostAddrs {
-    /// The host's own IPv4 addresses (all interfaces).
-    pub(crate) fn discover(allow_loopback: bool) -> Self {
-        let mut addrs = HashSet::new();
+impl AddressPolicy {
+    /// The policy for this host: its own IPv4 addresses (all interfaces) are refused,
+    /// `allowed` ranges are let through despite [`SPECIAL_RANGES`], and loopback only
+    /// with `allow_loopback` (tests).
+    pub fn discover(allowed: &[Ipv4Range], allow_loopback: bool) -> Self {
+        let mut host = HashSet::new();
         match nix::ifaddrs::getifaddrs() {
             Ok(ifs) => {
                 for ifa in ifs {
                     if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-                        addrs.insert(a.ip());
+                        host.insert(a.ip());
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot list host addresses"),
         }
+        Self::with_host_addrs(host, allowed, allow_loopback)
+    }
+
+    /// The policy with an explicit set of host addresses.
+    pub fn with_host_addrs(
+        host: HashSet<Ipv4Addr>,
+        allowed: &[Ipv4Range],
+        allow_loopback: bool,
+    ) -> Self {
         Self {
-            addrs,
+            host,
+            allowed: allowed.to_vec(),
             allow_loopback,
         }
     }
 
-    /// `Some(reason)` when a guest connection to `ip` must be refused whatever the mode.
-    pub(crate) fn forbidden(&self, ip: Ipv4Addr) -> bool {
+    /// Whether a guest may reach `ip`:
+    ///
+    /// - [`DenyReason::HostAddress`], whatever the operator allowed: loopback (unless the
+    ///   tests-only loopback switch is on), the host's own addresses, the VM network,
+    ///   link-local (cloud metadata), multicast, broadcast and the unspecified address;
+    /// - [`DenyReason::ReservedAddress`]: a [`SPECIAL_RANGES`] address outside every
+    ///   allowed range.
+    pub fn check(&self, ip: Ipv4Addr) -> Result<(), DenyReason> {
         if ip.is_loopback() {
-            return !self.allow_loopback;
+            return if self.allow_loopback {
+                Ok(())
+            } else {
+                Err(DenyReason::HostAddress)
+            };
         }
         let vm_net = u32::from(GATEWAY_IP) >> (32 - GUEST_PREFIX_LEN);
-        ip.is_unspecified()
+        if ip.is_unspecified()
             || ip.is_broadcast()
             || ip.is_multicast()
             || ip.is_link_local()
             || (u32::from(ip) >> (32 - GUEST_PREFIX_LEN)) == vm_net
-            || self.addrs.contains(&ip)
+            || self.host.contains(&ip)
+        {
+            return Err(DenyReason::HostAddress);
+        }
+        if SPECIAL_RANGES.iter().any(|(r, _)| r.contains(ip))
+            && !self.allowed.iter().any(|r| r.contains(ip))
+        {
+            return Err(DenyReason::ReservedAddress);
+        }
+        Ok(())
+    }
+}
+
+/// A token bucket: `rate` events per second on average, bursts of `burst`.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    pub(crate) fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub(crate) fn take(&mut self) -> bool {
+        self.take_at(Instant::now())
+    }
+
+    pub(crate) fn take_at(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -361,7 +545,7 @@ mod tests {
 
     #[test]
     fn host_addresses() {
-        let h = HostAddrs::discover(false);
+        let h = AddressPolicy::discover(&[], false);
         for ip in [
             "127.0.0.1",
             "127.1.2.3",
@@ -372,10 +556,131 @@ mod tests {
             "192.168.127.1",
             "192.168.127.2",
         ] {
-            assert!(h.forbidden(ip.parse().unwrap()), "{ip}");
+            assert_eq!(
+                h.check(ip.parse().unwrap()),
+                Err(DenyReason::HostAddress),
+                "{ip}"
+            );
         }
-        assert!(!h.forbidden("192.0.2.10".parse().unwrap()));
-        assert!(!HostAddrs::discover(true).forbidden("127.0.0.1".parse().unwrap()));
+        assert_eq!(h.check("192.0.2.10".parse().unwrap()), Ok(()));
+        assert_eq!(
+            AddressPolicy::discover(&[], true).check("127.0.0.1".parse().unwrap()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn special_ranges_are_refused_unless_allowed() {
+        let host: HashSet<Ipv4Addr> = ["203.0.113.7".parse().unwrap()].into_iter().collect();
+        let p = AddressPolicy::with_host_addrs(host.clone(), &[], false);
+        for ip in [
+            "10.0.0.1",
+            "10.255.255.255",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.255",
+            "192.0.0.8",
+            "198.18.0.1",
+            "198.19.255.255",
+            "0.1.2.3",
+            "240.0.0.1",
+            "250.1.1.1",
+        ] {
+            assert_eq!(
+                p.check(ip.parse().unwrap()),
+                Err(DenyReason::ReservedAddress),
+                "{ip}"
+            );
+        }
+        for ip in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "224.0.0.251",
+            "239.255.255.250",
+            "127.0.0.53",
+            "203.0.113.7",
+        ] {
+            assert_eq!(
+                p.check(ip.parse().unwrap()),
+                Err(DenyReason::HostAddress),
+                "{ip}"
+            );
+        }
+        for ip in [
+            "172.15.255.255",
+            "172.32.0.1",
+            "100.63.255.255",
+            "100.128.0.1",
+            "198.17.255.255",
+            "198.20.0.1",
+            "11.0.0.1",
+            "93.184.216.34",
+            "1.1.1.1",
+            "192.0.1.1",
+        ] {
+            assert_eq!(p.check(ip.parse().unwrap()), Ok(()), "{ip}");
+        }
+        // The operator opens one range; the rest stays closed, and so do the host's own
+        // addresses, link-local and loopback even inside an allowed range.
+        let allowed: Vec<Ipv4Range> = [
+            "10.1.0.0/16",
+            "169.254.0.0/16",
+            "127.0.0.0/8",
+            "203.0.113.0/24",
+        ]
+        .iter()
+        .map(|r| r.parse().unwrap())
+        .collect();
+        let p = AddressPolicy::with_host_addrs(host, &allowed, false);
+        assert_eq!(p.check("10.1.2.3".parse().unwrap()), Ok(()));
+        assert_eq!(
+            p.check("10.2.0.1".parse().unwrap()),
+            Err(DenyReason::ReservedAddress)
+        );
+        assert_eq!(
+            p.check("169.254.169.254".parse().unwrap()),
+            Err(DenyReason::HostAddress)
+        );
+        assert_eq!(
+            p.check("127.0.0.1".parse().unwrap()),
+            Err(DenyReason::HostAddress)
+        );
+        assert_eq!(
+            p.check("203.0.113.7".parse().unwrap()),
+            Err(DenyReason::HostAddress)
+        );
+    }
+
+    #[test]
+    fn ranges_parse_and_match() {
+        let r: Ipv4Range = "10.1.2.3/16".parse().unwrap();
+        assert_eq!(r.to_string(), "10.1.0.0/16");
+        assert!(r.contains("10.1.255.1".parse().unwrap()));
+        assert!(!r.contains("10.2.0.1".parse().unwrap()));
+        let one: Ipv4Range = "192.0.2.1".parse().unwrap();
+        assert_eq!(one.to_string(), "192.0.2.1/32");
+        assert!(one.contains("192.0.2.1".parse().unwrap()));
+        assert!(!one.contains("192.0.2.2".parse().unwrap()));
+        let all: Ipv4Range = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "10.0.0.0/", ""] {
+            assert!(bad.parse::<Ipv4Range>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_refills_over_time() {
+        let mut r = RateLimit::new(10, 5);
+        let t0 = Instant::now();
+        assert_eq!((0..20).filter(|_| r.take_at(t0)).count(), 5);
+        assert!(!r.take_at(t0));
+        assert!(r.take_at(t0 + Duration::from_millis(110)));
+        assert!(!r.take_at(t0 + Duration::from_millis(110)));
+        // Never more than the burst after a long pause.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..20).filter(|_| r.take_at(later)).count(), 5);
     }
 
     #[test]

@@ -258,6 +258,9 @@ fn aliased_config(tls_port: u16, allow_loopback: bool) -> ProxyConfig {
         ),
         upstream_aliases: [(ALIAS, LO)].into_iter().collect(),
         allow_loopback_upstreams: allow_loopback,
+        // The stand-in is in the benchmarking range, which guests may reach only when
+        // the operator allows it.
+        allowed_ranges: vec!["198.18.0.0/16".parse().unwrap()],
         ..config(tls_port)
     }
 }
@@ -619,4 +622,191 @@ async fn every_policy_gives_the_guest_the_network_a_snapshot_names() {
         assert!(shape.starts_with(&h.guest_kernel_args[0]), "{shape}");
         proxy.stop(&h).await.unwrap();
     }
+}
+
+/// Open mode reaches the internet, never private, shared, reserved or metadata ranges
+/// (the proxy refuses before any connect: nothing is sent to these addresses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_and_allowlist_modes_never_reach_special_ranges() {
+    let resolver =
+        StaticResolver::new().with("intranet.example.com", &[Ipv4Addr::new(10, 0, 0, 5)]);
+    let cfg = ProxyConfig {
+        resolver: Arc::new(resolver),
+        ..config(443)
+    };
+    let vm = start(cfg, NetworkPolicy::Open { ports: vec![] }).await;
+    let reserved = [
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "192.0.0.170",
+        "198.18.0.1",
+        "240.0.0.1",
+    ];
+    for ip in reserved {
+        let ip: Ipv4Addr = ip.parse().unwrap();
+        assert!(
+            vm.guest
+                .tcp_connect(SocketAddrV4::new(ip, 80))
+                .await
+                .is_err(),
+            "{ip}"
+        );
+    }
+    assert_eq!(
+        vm.stats().denied(DenyReason::ReservedAddress),
+        reserved.len() as u64
+    );
+    let metadata = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
+    assert!(vm.guest.tcp_connect(metadata).await.is_err());
+    assert_eq!(vm.stats().denied(DenyReason::HostAddress), 1);
+    // Rebinding: the name resolves, but to nothing the guest may reach.
+    let a = vm.guest.resolve("intranet.example.com").await.unwrap();
+    assert_eq!((a.rcode, a.addrs.len()), (0, 0));
+    assert_eq!(vm.stats().denied(DenyReason::RebindingAnswer), 1);
+
+    // Allowlist mode: an allowed name that resolves into a private range is no way in.
+    let resolver = StaticResolver::new().with("example.com", &[Ipv4Addr::new(192, 168, 0, 10)]);
+    let cfg = ProxyConfig {
+        resolver: Arc::new(resolver),
+        ..config(443)
+    };
+    let vm = start(cfg, allowlist(vec![])).await;
+    let a = vm.guest.resolve("example.com").await.unwrap();
+    assert!(a.addrs.is_empty(), "{:?}", a.addrs);
+    assert!(
+        vm.guest
+            .tcp_connect(SocketAddrV4::new(Ipv4Addr::new(192, 168, 0, 10), 443))
+            .await
+            .is_err()
+    );
+    assert_eq!(vm.stats().denied(DenyReason::ReservedAddress), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_are_rate_limited_per_vm() {
+    let (port, count) = echo_server().await;
+    let cfg = ProxyConfig {
+        max_connect_rate: 1,
+        max_connect_burst: 3,
+        ..config(port)
+    };
+    let vm = start(cfg, NetworkPolicy::Open { ports: vec![] }).await;
+    let mut ok = 0;
+    for _ in 0..6 {
+        if let Ok(s) = vm.guest.tcp_connect(SocketAddrV4::new(LO, port)).await {
+            assert_eq!(exchange(s, b"x").await, b"x");
+            ok += 1;
+        }
+    }
+    assert!((3..=4).contains(&ok), "{ok} connections let through");
+    assert_eq!(vm.stats().denied(DenyReason::RateLimited), 6 - ok);
+    assert_eq!(count.load(Ordering::SeqCst), ok as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_over_tcp_is_capped_and_absent_in_ports_only_mode() {
+    let vm = start(config(443), NetworkPolicy::PortsOnly { ports: vec![] }).await;
+    assert!(
+        vm.guest
+            .tcp_connect(SocketAddrV4::new(GATEWAY_IP, 53))
+            .await
+            .is_err(),
+        "no DNS over TCP in ports-only mode"
+    );
+
+    let vm = start(config(443), allowlist(vec![])).await;
+    async fn ask(s: &mut tokio::io::DuplexStream) -> Option<u16> {
+        let q = dns_query("api.example.com", RecordType::A).unwrap();
+        let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(&q);
+        s.write_all(&msg).await.ok()?;
+        let mut len = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
+            .await
+            .ok()?
+            .ok()?;
+        let mut reply = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut reply).await.ok()?;
+        Some(parse_dns_answer(&reply).unwrap().rcode)
+    }
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = vm
+            .guest
+            .tcp_connect(SocketAddrV4::new(GATEWAY_IP, 53))
+            .await
+            .unwrap();
+        assert_eq!(ask(&mut s).await, Some(0));
+        held.push(s);
+    }
+    // A fifth connection at once is reset.
+    let fifth = vm
+        .guest
+        .tcp_connect(SocketAddrV4::new(GATEWAY_IP, 53))
+        .await;
+    if let Ok(mut s) = fifth {
+        assert_eq!(ask(&mut s).await, None);
+    }
+    assert_eq!(vm.stats().denied(DenyReason::TooManyDnsConnections), 1);
+    // Closing one makes room again.
+    drop(held.pop());
+    let mut answered = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(mut s) = vm
+            .guest
+            .tcp_connect(SocketAddrV4::new(GATEWAY_IP, 53))
+            .await
+            && ask(&mut s).await == Some(0)
+        {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "a slot frees when a connection closes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_connections_to_forwards_are_capped() {
+    let cfg = ProxyConfig {
+        max_forwards: 2,
+        ..config(443)
+    };
+    let vm = start(
+        cfg,
+        NetworkPolicy::PortsOnly {
+            ports: vec![PortMapping::tcp(8080)],
+        },
+    )
+    .await;
+    // The guest service accepts and echoes, holding each connection open.
+    let mut accepts = vm.guest.tcp_listen(8080).await.unwrap();
+    tokio::spawn(async move {
+        while let Some(s) = accepts.recv().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let ext = vm.handle.exposed_ports[0].external;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect((LO, ext)).await.unwrap();
+        c.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).await.unwrap();
+        held.push(c);
+    }
+    let mut third = TcpStream::connect((LO, ext)).await.unwrap();
+    let _ = third.write_all(b"ping").await;
+    let mut b = [0u8; 4];
+    let got = tokio::time::timeout(Duration::from_secs(5), third.read(&mut b))
+        .await
+        .unwrap();
+    assert!(matches!(got, Ok(0) | Err(_)), "{got:?}");
+    assert_eq!(vm.stats().denied(DenyReason::TooManyForwards), 1);
+    assert_eq!(vm.stats().allowed("forward"), 2);
 }

@@ -187,7 +187,20 @@ impl Admission {
     }
 
     /// Waits (FIFO, bounded) until `memory_mb` and `cpus` fit, then grants them.
+    ///
+    /// A VM larger than the host's memory (overcommit aside: a guest could touch all of
+    /// it) is an input error at once, never a wait.
     pub async fn acquire(&self, memory_mb: f64, cpus: f64) -> Result<AdmissionPermit> {
+        if memory_mb > self.cfg.host_memory_mb as f64 {
+            return Err(Error::input(
+                "memory_mb",
+                format!(
+                    "a VM needing {memory_mb:.0} MiB (guest memory and QEMU overhead) is \
+                     larger than this host's memory ({} MiB)",
+                    self.cfg.host_memory_mb
+                ),
+            ));
+        }
         if memory_mb > self.cfg.memory_budget_mb() || cpus > self.cfg.cpu_budget() {
             return Err(Error::transient(
                 TransientCause::Capacity,
@@ -301,6 +314,19 @@ mod tests {
         let a = small(10_000);
         let err = a.acquire(901.0, 1.0).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Transient(TransientCause::Capacity));
+    }
+
+    /// Overcommit lets many VMs share the host's memory, never one VM exceed it: that is
+    /// the caller's mistake, not a capacity problem to retry.
+    #[tokio::test]
+    async fn a_vm_larger_than_the_host_is_an_input_error() {
+        let a = Admission::new(AdmissionConfig::for_host(1000, 4.0)).unwrap();
+        assert!(a.config().memory_budget_mb() > 1000.0);
+        let err = a.acquire(1001.0, 1.0).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Input);
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("1000 MiB"), "{err}");
+        drop(a.acquire(900.0, 1.0).await.unwrap());
     }
 
     #[tokio::test]

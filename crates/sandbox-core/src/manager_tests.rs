@@ -574,6 +574,9 @@ async fn files_round_trip_with_digest_checks() {
     assert_eq!(back, data);
     let listing = vm.list_files("").await.unwrap();
     assert_eq!(listing.len(), 1);
+    assert!(listing[0].is_dir && listing[0].name == "dir");
+    let listing = vm.list_files("dir").await.unwrap();
+    assert_eq!(listing.len(), 1);
     assert_eq!(listing[0].size, 300_000);
     let err = vm.read_file("missing", &mut Vec::new()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Guest);

@@ -1088,3 +1088,109 @@ async fn packages_without_a_layer_builder_are_refused_never_ignored() {
     );
     assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
 }
+
+/// A session over a fresh fake VM, and its agent.
+async fn hostile_session(h: &H, m: crate::testing::Misbehavior) -> crate::session::Session {
+    let s = h
+        .sched
+        .session(SessionRequest::new(Language::Raw), RunOptions::default())
+        .await
+        .unwrap();
+    h.channel.last_agent().unwrap().misbehave(m);
+    s
+}
+
+/// The host's own caps on what the agent sends: an agent that floods output, lists too
+/// much or an impossible name gets its operation a typed error, and the VM is destroyed.
+#[tokio::test]
+async fn hostile_agent_output_and_listings_are_capped_by_the_host() {
+    use crate::testing::Misbehavior;
+    let h = h(SchedulerConfig::default());
+    let cb = OutputCallbacks::default();
+
+    let s = hostile_session(&h, Misbehavior::Flood).await;
+    let started = std::time::Instant::now();
+    let err = s.exec(ExecRequest::new("x"), &cb).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutcomeUnknown, "{err}");
+    assert!(err.to_string().contains("stdout limit"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(s.is_closed());
+
+    for (m, what) in [
+        (Misbehavior::HugeListing(100_001), "entries"),
+        (Misbehavior::BadName, "impossible file name"),
+    ] {
+        let s = hostile_session(&h, m).await;
+        let err = s.list_files("").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::OutcomeUnknown, "{err}");
+        assert!(err.to_string().contains(what), "{err}");
+        assert!(s.is_closed());
+    }
+    settle().await;
+    assert_clean(&h).await;
+}
+
+/// Every operation has a host deadline: a silent agent gets a typed error in bounded
+/// time (virtual time here), and its VM is destroyed.
+#[tokio::test(start_paused = true)]
+async fn silent_agent_gets_every_operation_a_deadline() {
+    use crate::testing::Misbehavior;
+    let h = h(SchedulerConfig::default());
+    let s = hostile_session(&h, Misbehavior::Silent).await;
+    let err = s.ping().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutcomeUnknown, "{err}");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    assert!(s.is_closed());
+
+    let s = hostile_session(&h, Misbehavior::Silent).await;
+    let err = s.list_files("").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutcomeUnknown, "{err}");
+
+    let s = hostile_session(&h, Misbehavior::Silent).await;
+    let err = s.read_bytes("f").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutcomeUnknown, "{err}");
+
+    let s = hostile_session(&h, Misbehavior::Silent).await;
+    let err = s.write_bytes("f", b"data", false).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::OutcomeUnknown, "{err}");
+    assert!(err.to_string().contains("write_file"), "{err}");
+    settle().await;
+    assert_clean(&h).await;
+}
+
+/// `close` always wins: closing a session while an operation hangs ends the operation
+/// and destroys the VM within seconds (real time).
+#[tokio::test]
+async fn close_wins_over_a_hung_operation() {
+    use crate::testing::Misbehavior;
+    let h = h(SchedulerConfig::default());
+    for op in ["exec", "list"] {
+        let s = hostile_session(&h, Misbehavior::Silent).await;
+        let s2 = s.clone();
+        let task = tokio::spawn(async move {
+            match op {
+                "exec" => {
+                    let mut req = ExecRequest::new("x");
+                    req.timeout_secs = 300;
+                    s2.exec(req, &OutputCallbacks::default()).await.map(|_| ())
+                }
+                _ => s2.list_files("").await.map(|_| ()),
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        s.close().await;
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the hung operation ended after close")
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::SessionClosed, "{op}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while h.counters.running() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(h.counters.running(), 0, "{op}: VM still running");
+        assert!(started.elapsed() < Duration::from_secs(5), "{op}");
+    }
+    assert_clean(&h).await;
+}

@@ -47,6 +47,9 @@ struct SessionInner {
     vm: tokio::sync::Mutex<Option<Vm>>,
     permit: Mutex<Option<AdmissionPermit>>,
     closed: AtomicBool,
+    /// Set by [`Session::close`]: a running operation stops waiting for the guest at once,
+    /// so closing never waits for a hung operation.
+    closing: tokio::sync::watch::Sender<bool>,
     exec_count: AtomicU64,
     busy: AtomicUsize,
     last_active: Mutex<TokioInstant>,
@@ -124,6 +127,7 @@ impl Session {
             vm: tokio::sync::Mutex::new(Some(vm)),
             permit: Mutex::new(permit),
             closed: AtomicBool::new(false),
+            closing: tokio::sync::watch::Sender::new(false),
             exec_count: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
             last_active: Mutex::new(TokioInstant::now()),
@@ -217,6 +221,12 @@ impl Session {
         Ok((vm, activity))
     }
 
+    /// Resolves once the session is closing.
+    async fn closing(&self) {
+        let mut rx = self.inner.closing.subscribe();
+        let _ = rx.wait_for(|closing| *closing).await;
+    }
+
     /// Whether an error leaves the session usable.
     fn survives(err: &Error) -> bool {
         matches!(
@@ -237,7 +247,10 @@ impl Session {
     /// error goes through [`Session::after_error`] (which may close the session).
     async fn on_vm<T>(&self, op: impl AsyncFnOnce(&Vm) -> Result<T>) -> Result<T> {
         let (vm, _activity) = self.guard().await?;
-        let r = op(&vm).await;
+        let r = tokio::select! {
+            r = op(&vm) => r,
+            () = self.closing() => Err(self.closed_error()),
+        };
         drop(vm);
         match r {
             Ok(v) => Ok(v),
@@ -254,7 +267,10 @@ impl Session {
         req.validate(self.inner.language)?;
         let started = Instant::now();
         let (vm, activity) = self.guard().await?;
-        let outcome = vm.exec(self.inner.language, &req, callbacks).await;
+        let outcome = tokio::select! {
+            r = vm.exec(self.inner.language, &req, callbacks) => r,
+            () = self.closing() => Err(self.closed_error()),
+        };
         let usage = vm.usage().await;
         drop(vm);
         drop(activity);
@@ -372,6 +388,7 @@ impl Session {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.inner.closing.send_replace(true);
         self.inner.wake.notify_one();
         // Destroy the VM without taking the operation lock: a running exec sees its
         // transport end and returns.

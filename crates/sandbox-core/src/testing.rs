@@ -130,6 +130,19 @@ impl VmProcess for FakeProcess {
     }
 }
 
+/// How a hostile or broken [`FakeAgent`] answers (see [`FakeAgent::misbehave`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehavior {
+    /// Never answers any request (and never acknowledges a file write).
+    Silent,
+    /// Streams stdout (exec) or file chunks (read) forever.
+    Flood,
+    /// Lists this many entries.
+    HugeListing(usize),
+    /// Lists a name no directory can hold (`../../etc/passwd`).
+    BadName,
+}
+
 /// How a [`FakeChannel`] answers `connect`.
 #[derive(Debug, Clone)]
 pub enum ConnectBehavior {
@@ -244,6 +257,7 @@ struct AgentState {
 #[derive(Debug, Clone)]
 pub struct FakeAgent {
     state: Arc<Mutex<AgentState>>,
+    misbehavior: Arc<Mutex<Option<Misbehavior>>>,
     alive: Arc<AtomicBool>,
     next_op: Arc<AtomicU64>,
     refuse_resume: Arc<AtomicBool>,
@@ -260,10 +274,27 @@ impl FakeAgent {
     pub fn new() -> Self {
         Self {
             state: Arc::new(Mutex::new(AgentState::default())),
+            misbehavior: Arc::new(Mutex::new(None)),
             alive: Arc::new(AtomicBool::new(true)),
             next_op: Arc::new(AtomicU64::new(1)),
             refuse_resume: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// From now on, answers every request the way `m` says (a hostile or broken agent).
+    pub fn misbehave(&self, m: Misbehavior) {
+        if let Ok(mut g) = self.misbehavior.lock() {
+            *g = Some(m);
+        }
+    }
+
+    fn misbehavior(&self) -> Option<Misbehavior> {
+        self.misbehavior.lock().ok().and_then(|g| *g)
+    }
+
+    /// Sends `msg` until the receiver is gone.
+    async fn flood(tx: &mpsc::Sender<GuestMessage>, msg: impl Fn() -> GuestMessage) {
+        while tx.send(msg()).await.is_ok() {}
     }
 
     /// Breaks the transport: every pending stream ends.
@@ -311,6 +342,49 @@ impl FakeAgent {
     }
 
     async fn handle(&self, op: OpId, tx: mpsc::Sender<GuestMessage>, msg: HostMessage) {
+        match (self.misbehavior(), &msg) {
+            (Some(Misbehavior::Silent), _) => {
+                // Keep the stream open and never answer.
+                if let Ok(mut s) = self.state.lock() {
+                    s.streams.insert(op, tx);
+                }
+                return;
+            }
+            (Some(Misbehavior::Flood), HostMessage::Exec(_)) => {
+                return Self::flood(&tx, || {
+                    GuestMessage::Stdout(Bytes::from(vec![b'x'; guest_proto::CHUNK_BYTES]))
+                })
+                .await;
+            }
+            (Some(Misbehavior::Flood), HostMessage::ReadFile { .. }) => {
+                return Self::flood(&tx, || {
+                    GuestMessage::FileChunk(Bytes::from(vec![0u8; guest_proto::CHUNK_BYTES]))
+                })
+                .await;
+            }
+            (Some(Misbehavior::Flood), _) => {}
+            (Some(Misbehavior::HugeListing(n)), HostMessage::ListDir { .. }) => {
+                let entries = (0..n)
+                    .map(|i| DirEntry {
+                        name: format!("f{i}"),
+                        is_dir: false,
+                        size: 0,
+                    })
+                    .collect();
+                let _ = tx.send(GuestMessage::DirListing { entries }).await;
+                return;
+            }
+            (Some(Misbehavior::BadName), HostMessage::ListDir { .. }) => {
+                let entries = vec![DirEntry {
+                    name: "../../etc/passwd".into(),
+                    is_dir: false,
+                    size: 0,
+                }];
+                let _ = tx.send(GuestMessage::DirListing { entries }).await;
+                return;
+            }
+            _ => {}
+        }
         match msg {
             HostMessage::Exec(req) => {
                 if let Ok(mut s) = self.state.lock() {
@@ -353,22 +427,39 @@ impl FakeAgent {
             } => {
                 let _ = tx.send(self.resume(unix_time_ns, entropy)).await;
             }
-            HostMessage::ListDir { .. } => {
+            HostMessage::ListDir { path } => {
+                // The entries directly in `path`: files, and the first component of
+                // deeper paths as directories.
+                let prefix = match path.trim_matches('/') {
+                    "" => String::new(),
+                    p => format!("{p}/"),
+                };
                 let mut entries: Vec<DirEntry> = self
                     .state
                     .lock()
                     .map(|s| {
                         s.files
                             .iter()
-                            .map(|(k, v)| DirEntry {
-                                name: k.clone(),
-                                is_dir: false,
-                                size: v.len() as u64,
+                            .filter_map(|(k, v)| {
+                                let rest = k.strip_prefix(&prefix)?;
+                                Some(match rest.split_once('/') {
+                                    Some((dir, _)) => DirEntry {
+                                        name: dir.to_owned(),
+                                        is_dir: true,
+                                        size: 0,
+                                    },
+                                    None => DirEntry {
+                                        name: rest.to_owned(),
+                                        is_dir: false,
+                                        size: v.len() as u64,
+                                    },
+                                })
                             })
                             .collect()
                     })
                     .unwrap_or_default();
                 entries.sort_by(|a, b| a.name.cmp(&b.name));
+                entries.dedup_by(|a, b| a.name == b.name);
                 let _ = tx.send(GuestMessage::DirListing { entries }).await;
             }
             _ => {
@@ -501,6 +592,12 @@ impl GuestConnection for FakeAgent {
                 HostMessage::WriteChunk(data) => {
                     if let Some((_, buf, _)) = s.pending_writes.get_mut(&op_id) {
                         buf.extend_from_slice(&data);
+                    }
+                }
+                HostMessage::WriteEnd { .. } if self.misbehavior() == Some(Misbehavior::Silent) => {
+                    // Never acknowledged: keep the reply channel open.
+                    if let Some((_, _, tx)) = s.pending_writes.remove(&op_id) {
+                        s.streams.insert(op_id, tx);
                     }
                 }
                 HostMessage::WriteEnd { size, sha256 } => {

@@ -21,6 +21,32 @@ pub struct Check {
     pub fix: Option<String>,
 }
 
+/// One isolation layer: whether it applies on this host, what it stops, how to turn it on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Layer {
+    /// Short name.
+    pub name: String,
+    /// Whether the layer applies here.
+    pub on: bool,
+    /// What it stops.
+    pub stops: String,
+    /// What was found.
+    pub detail: String,
+    /// How to turn it on, when off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+fn layer(name: &str, on: bool, stops: &str, detail: String, fix: Option<&str>) -> Layer {
+    Layer {
+        name: name.to_owned(),
+        on,
+        stops: stops.to_owned(),
+        detail,
+        fix: if on { None } else { fix.map(str::to_owned) },
+    }
+}
+
 /// The doctor report.
 #[derive(Debug, Clone, Serialize)]
 pub struct DoctorReport {
@@ -28,6 +54,8 @@ pub struct DoctorReport {
     pub ok: bool,
     /// The checks, in order.
     pub checks: Vec<Check>,
+    /// Every isolation layer, on or off here (see README, "Isolation layers").
+    pub layers: Vec<Layer>,
     /// Isolation layers or features that cannot be applied here.
     pub warnings: Vec<String>,
     /// The raw probe report.
@@ -207,12 +235,106 @@ pub async fn doctor(cfg: &SbxConfig) -> DoctorReport {
         None,
     ));
     let ok = checks.iter().all(|c| c.ok);
+    let layers = layers(&host, &qemu_user, cfg);
     DoctorReport {
         ok,
         checks,
+        layers,
         warnings: host.warnings.clone(),
         host,
     }
+}
+
+/// The isolation layers as they apply on this host.
+fn layers(
+    host: &probes::HostReport,
+    qemu_user: &crate::setup::QemuUser,
+    cfg: &SbxConfig,
+) -> Vec<Layer> {
+    let kvm = host.accelerator.accelerator == sandbox_core::ports::Accelerator::Kvm;
+    let sandbox = host.qemu.as_ref().is_ok_and(|q| q.sandbox);
+    let unprivileged = !matches!(qemu_user, crate::setup::QemuUser::Caller { .. });
+    let allowed = cfg
+        .network
+        .as_ref()
+        .map(|n| {
+            n.allowed_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    vec![
+        layer(
+            "hardware_virtualization",
+            kvm,
+            "guest code reaching the host CPU's privileged state (under TCG the guest is \
+             emulated instead: isolated, slower)",
+            format!(
+                "{}: {}",
+                host.accelerator.accelerator, host.accelerator.reason
+            ),
+            Some("a host whose /dev/kvm runs ordinary guests"),
+        ),
+        layer(
+            "qemu_seccomp",
+            sandbox,
+            "an escaped QEMU calling obsolete syscalls, elevating privileges, spawning \
+             processes or changing resource controls (-sandbox on)",
+            format!("QEMU -sandbox support: {sandbox}"),
+            Some("a QEMU built with seccomp (qemu-system-x86 from bookworm-backports)"),
+        ),
+        layer(
+            "namespaces",
+            host.unshare.usable,
+            "an escaped QEMU seeing the host's processes, mounts, IPC, host name and (offline \
+             VMs) network",
+            host.unshare.detail.clone(),
+            Some("install util-linux's unshare and allow unprivileged namespaces"),
+        ),
+        layer(
+            "resource_limits",
+            true,
+            "one VM exhausting the host's memory or CPU",
+            if host.cgroup.v2_usable {
+                "per-VM cgroup v2 limits".to_owned()
+            } else {
+                "rlimits on QEMU (cgroup v2 controllers not delegated)".to_owned()
+            },
+            None,
+        ),
+        layer(
+            "qemu_user",
+            unprivileged,
+            "an escaped QEMU acting as the caller (root): reading other files, signalling \
+             other processes",
+            qemu_user.describe(),
+            Some("run `sbx setup` as root"),
+        ),
+        layer(
+            "network_gateway",
+            true,
+            "guests reaching the host, its loopback, link-local/metadata, multicast, private \
+             (RFC 1918), shared (100.64/10), IETF (192.0.0/24), benchmarking (198.18/15) and \
+             reserved ranges, and DNS answers into them (rebinding); per-VM caps on \
+             connections, their rate, DNS-over-TCP and forwards; denial logs rate-limited",
+            if allowed.is_empty() {
+                "no special-purpose range allowed".to_owned()
+            } else {
+                format!("operator-allowed ranges: {}", allowed.join(", "))
+            },
+            None,
+        ),
+        layer(
+            "guest_hardening",
+            true,
+            "user code (uid 1000, no-new-privs, non-dumpable REPLs) writing the root, /etc, \
+             /dev or sysctls, reading the kernel log or writing to it or to the console, \
+             forging an exec's completion",
+            "enforced by the guest agent (PID 1) in every VM".to_owned(),
+            None,
+        ),
+    ]
 }
 
 impl DoctorReport {
@@ -228,6 +350,17 @@ impl DoctorReport {
             ));
             if let Some(fix) = &c.fix {
                 out.push_str(&format!("     {:<18} fix: {fix}\n", ""));
+            }
+        }
+        for l in &self.layers {
+            out.push_str(&format!(
+                "{} layer {:<24} {}\n",
+                if l.on { "on  " } else { "off " },
+                l.name,
+                l.detail
+            ));
+            if let Some(fix) = &l.fix {
+                out.push_str(&format!("     {:<30} fix: {fix}\n", ""));
             }
         }
         for w in &self.warnings {

@@ -49,6 +49,7 @@ pub mod mcp;
 pub mod repl;
 pub mod serve;
 pub mod setup;
+pub mod term;
 
 /// Settings of the default wiring. [`SbxConfig::from_env`] reads the environment.
 #[derive(Debug, Clone)]
@@ -199,7 +200,7 @@ impl SbxConfig {
                 warm_pool_size,
                 ..SchedulerConfig::default()
             },
-            network: None,
+            network: network_from_env(),
             boot_timeout: None,
             boot_attempts: None,
             snapshot_dir: match std::env::var("SBX_SNAPSHOTS").as_deref().map(str::trim) {
@@ -213,6 +214,25 @@ impl SbxConfig {
             },
         }
     }
+}
+
+/// `SBX_NET_ALLOW_RANGES` (comma-separated `A.B.C.D/N`): special-purpose ranges (private,
+/// shared, benchmarking...) guests may reach in open and allowlist modes. Unset: none, and
+/// the proxy's defaults. An entry that does not parse is left out (and logged): the
+/// mistake can only make the policy stricter.
+fn network_from_env() -> Option<netproxy::ProxyConfig> {
+    let value = std::env::var("SBX_NET_ALLOW_RANGES").ok()?;
+    let mut allowed_ranges = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<netproxy::Ipv4Range>() {
+            Ok(r) => allowed_ranges.push(r),
+            Err(e) => tracing::warn!(error = %e, "SBX_NET_ALLOW_RANGES: entry left out"),
+        }
+    }
+    Some(netproxy::ProxyConfig {
+        allowed_ranges,
+        ..netproxy::ProxyConfig::default()
+    })
 }
 
 /// Host memory (MiB) and CPUs, bounded by the cgroup this process runs under.

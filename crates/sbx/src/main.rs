@@ -234,6 +234,10 @@ struct RunArgs {
     /// Boot log and debug logs to stderr.
     #[arg(long)]
     debug: bool,
+    /// Print the guest's output byte for byte even on a terminal (by default control
+    /// characters, such as escape sequences, are shown as `\xNN` there).
+    #[arg(long)]
+    raw_output: bool,
     /// Allow outbound network (filtered by --allow-domain when given).
     #[arg(long)]
     network: bool,
@@ -428,22 +432,45 @@ impl Spinner {
     }
 }
 
-fn callbacks(stream: bool, first_output: Arc<AtomicBool>) -> OutputCallbacks {
+/// Whether guest output bound for stdout / stderr gets its control characters escaped
+/// (a terminal, unless `--raw-output`).
+fn escape_output(raw: bool) -> (bool, bool) {
+    (
+        !raw && std::io::stdout().is_terminal(),
+        !raw && std::io::stderr().is_terminal(),
+    )
+}
+
+/// `chunk` as it may be shown: escaped through `escaper` when there is one.
+fn shown(escaper: Option<&std::sync::Mutex<sbx::term::Escaper>>, chunk: &[u8]) -> Vec<u8> {
+    match escaper {
+        Some(e) => match e.lock() {
+            Ok(mut e) => e.escape(chunk),
+            Err(p) => p.into_inner().escape(chunk),
+        },
+        None => chunk.to_vec(),
+    }
+}
+
+fn callbacks(stream: bool, first_output: Arc<AtomicBool>, raw: bool) -> OutputCallbacks {
     if !stream {
         return OutputCallbacks::default();
     }
+    let (esc_out, esc_err) = escape_output(raw);
+    let out_escaper = esc_out.then(|| std::sync::Mutex::new(sbx::term::Escaper::default()));
+    let err_escaper = esc_err.then(|| std::sync::Mutex::new(sbx::term::Escaper::default()));
     let f1 = first_output.clone();
     OutputCallbacks {
         on_stdout: Some(Arc::new(move |chunk: &[u8]| {
             f1.store(true, Ordering::Relaxed);
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(chunk);
+            let _ = out.write_all(&shown(out_escaper.as_ref(), chunk));
             let _ = out.flush();
         })),
         on_stderr: Some(Arc::new(move |chunk: &[u8]| {
             first_output.store(true, Ordering::Relaxed);
             let mut err = std::io::stderr().lock();
-            let _ = err.write_all(chunk);
+            let _ = err.write_all(&shown(err_escaper.as_ref(), chunk));
             let _ = err.flush();
         })),
     }
@@ -623,7 +650,7 @@ async fn cmd_run(args: RunArgs, cfg: SbxConfig) -> i32 {
         None
     };
     let opts = RunOptions {
-        callbacks: callbacks(stream, first_output.clone()),
+        callbacks: callbacks(stream, first_output.clone(), args.raw_output),
         boot_log,
     };
 
@@ -666,8 +693,17 @@ async fn cmd_run(args: RunArgs, cfg: SbxConfig) -> i32 {
                     }
                     json_out.push(v);
                 } else if !stream {
-                    print!("{}", r.stdout);
-                    eprint!("{}", r.stderr);
+                    let (esc_out, esc_err) = escape_output(args.raw_output);
+                    let text = |s: &str, esc: bool| {
+                        if esc {
+                            String::from_utf8_lossy(&sbx::term::escape_all(s.as_bytes()))
+                                .into_owned()
+                        } else {
+                            s.to_owned()
+                        }
+                    };
+                    print!("{}", text(&r.stdout, esc_out));
+                    eprint!("{}", text(&r.stderr, esc_err));
                 }
             }
             Err(e) => {

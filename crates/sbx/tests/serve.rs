@@ -517,7 +517,7 @@ async fn file_upload_exec_download_is_byte_exact() {
     assert!(
         entries
             .iter()
-            .any(|e| e["name"] == "data/blob.bin" && e["size"] == data.len() as u64),
+            .any(|e| e["name"] == "blob.bin" && e["size"] == data.len() as u64),
         "{v}"
     );
 
@@ -1035,4 +1035,196 @@ async fn package_specs_are_checked_before_any_vm_work() {
         (StatusCode::BAD_REQUEST, Some("packages"))
     );
     assert_eq!(h.counters.launches.load(Ordering::SeqCst), 0);
+}
+
+/// `--no-auth` (loopback only): browsers on other origins and DNS-rebound names are
+/// refused before anything runs; plain API clients on loopback still work.
+#[tokio::test]
+async fn no_auth_refuses_cross_origin_and_foreign_hosts() {
+    let h = h_with(ServeConfig::default(), Auth::disabled(), "").await;
+    let port = h.srv.addr.port();
+    let post = |host: Option<String>, origin: Option<String>, ct: Option<&str>| {
+        let mut r = h.c.post(h.srv.url("/v1/run")).body(r#"{"code":"1"}"#);
+        if let Some(host) = host {
+            r = r.header("host", host);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct);
+        }
+        r
+    };
+    let json = Some("application/json");
+    for (host, origin, ct, want) in [
+        // DNS rebinding: a foreign name pointing at 127.0.0.1.
+        (
+            Some(format!("evil.example:{port}")),
+            None,
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            Some("evil.example".to_owned()),
+            None,
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        // A page on another origin, even another local port.
+        (
+            None,
+            Some("http://evil.example".to_owned()),
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            None,
+            Some("http://localhost:3000".to_owned()),
+            json,
+            StatusCode::FORBIDDEN,
+        ),
+        (None, Some("null".to_owned()), json, StatusCode::FORBIDDEN),
+        // A form or text body (no CORS preflight).
+        (
+            None,
+            None,
+            Some("text/plain"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            None,
+            None,
+            Some("application/x-www-form-urlencoded"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        // Plain clients.
+        (None, None, json, StatusCode::OK),
+        (
+            Some(format!("localhost:{port}")),
+            None,
+            json,
+            StatusCode::OK,
+        ),
+        (
+            Some(format!("127.0.0.1:{port}")),
+            Some(format!("http://127.0.0.1:{port}")),
+            json,
+            StatusCode::OK,
+        ),
+    ] {
+        let r = post(host.clone(), origin.clone(), ct).send().await.unwrap();
+        assert_eq!(
+            r.status(),
+            want,
+            "host {host:?} origin {origin:?} ct {ct:?}"
+        );
+    }
+    let r =
+        h.c.get(h.srv.url("/v1/sessions"))
+            .header("sec-fetch-site", "cross-site")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Only the successful runs launched a VM.
+    assert_eq!(
+        h.counters
+            .launches
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+}
+
+/// Per-token cap on runs in flight: one token's flood is refused with 429 beyond its cap,
+/// and another token still gets through.
+#[tokio::test]
+async fn runs_in_flight_are_capped_per_token() {
+    let a = "token-a-long-enough-xyz";
+    let b = "token-b-long-enough-xyz";
+    let cfg = ServeConfig {
+        max_runs_per_token: 2,
+        ..ServeConfig::default()
+    };
+    let h = h_with(cfg, Auth::tokens([a, b]).unwrap(), a).await;
+    let run = |token: &'static str, code: &'static str| {
+        h.c.post(h.srv.url("/v1/run"))
+            .bearer_auth(token)
+            .json(&json!({ "code": code }))
+            .send()
+    };
+    let slow1 = tokio::spawn(run(a, "sleep 1500"));
+    let slow2 = tokio::spawn(run(a, "sleep 1500"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = run(a, "x").await.unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, e) = error_of(r).await;
+    assert_eq!(
+        (status, e["kind"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("too_many_runs"))
+    );
+    // Another token is not held back by A's flood.
+    assert_eq!(run(b, "x").await.unwrap().status(), StatusCode::OK);
+    for t in [slow1, slow2] {
+        assert_eq!(t.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    // The slots are free again.
+    assert_eq!(run(a, "x").await.unwrap().status(), StatusCode::OK);
+}
+
+/// Slow clients cannot hold connections: headers must arrive within the header-read
+/// timeout, an idle connection is closed after it, and at most `max_connections` are
+/// served at once (the next waits until one closes).
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = ServeConfig {
+        header_read_timeout: Duration::from_millis(500),
+        max_connections: 2,
+        ..ServeConfig::default()
+    };
+    let h = h_with(cfg, Auth::disabled(), "").await;
+    let closed_within = |mut s: tokio::net::TcpStream, limit: Duration| async move {
+        let mut buf = [0u8; 256];
+        let started = Instant::now();
+        loop {
+            match tokio::time::timeout(limit, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+                Ok(Ok(_)) => {}
+                Err(_) => return None,
+            }
+        }
+    };
+    // Slowloris: half the headers, then nothing.
+    let mut s = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let took = closed_within(s, Duration::from_secs(5)).await;
+    assert!(took.is_some(), "a slow header was not cut off");
+    // A connection that never sends anything.
+    let s = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    assert!(closed_within(s, Duration::from_secs(5)).await.is_some());
+
+    // The cap: two connections held (each sends a byte now and then, as a slow client
+    // would not: the header timeout would close it) ...
+    let a = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    let b = tokio::net::TcpStream::connect(h.srv.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... so a third request waits ...
+    let third = tokio::spawn({
+        let c = h.c.clone();
+        let url = h.srv.url("/v1/health");
+        async move { c.get(url).send().await.map(|r| r.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!third.is_finished(), "served a third connection at once");
+    // ... until the held ones are cut off by the header timeout.
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third request was served once a slot freed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop((a, b));
 }

@@ -462,6 +462,44 @@ async fn python_has_no_int_str_conversion_limit_unless_the_user_sets_one() {
     assert_eq!(wait_no_qemu(), 0);
 }
 
+/// The exec's completion signal is out of user code's reach: Python code that reads the
+/// request id from the wrapper's own frame and writes `<id> 0` to the status pipe does
+/// not end its exec while it keeps running (adversarial).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn adversarial_forged_completion_does_not_end_an_exec() {
+    let sbx = sbx().await;
+    let s = session(&sbx, SessionRequest::new(Language::Python)).await;
+    let started = Instant::now();
+    let r = exec_t(
+        &s,
+        "import os, sys, time\n\
+         req = sys._getframe(1).f_locals['req']\n\
+         os.write(4, ('%s 0\\n' % req['id']).encode())\n\
+         time.sleep(2)\n\
+         print('still-running')\n\
+         sys.exit(3)",
+        60,
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (r.stdout.as_str(), r.exit_code),
+        ("still-running\n", 3),
+        "{}",
+        r.stderr
+    );
+    // The session is intact afterwards.
+    assert_eq!(exec(&s, "print(6 * 7)").await.stdout, "42\n");
+    s.close().await;
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs QEMU and guest assets: cargo xtask itest"]
 async fn javascript_is_bun_with_typescript_and_repl_semantics() {
@@ -533,6 +571,51 @@ async fn javascript_is_bun_with_typescript_and_repl_semantics() {
     assert_eq!(r.stdout.len(), 300_000 + "function 1\n".len());
     assert!(r.stdout.ends_with("function 1\n"));
     s.close().await;
+    sbx.stop().await;
+    assert_eq!(wait_no_qemu(), 0);
+}
+
+/// User code can neither read the kernel log (`/dev/kmsg`, `dmesg`, `/proc/kmsg`,
+/// `syslog(2)`) nor write forged kernel lines into it or onto the console the host reads
+/// (adversarial).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs QEMU and guest assets: cargo xtask itest"]
+async fn adversarial_user_code_cannot_touch_the_kernel_log() {
+    let sbx = sbx().await;
+    let code = r#"
+timeout 2 head -c 1 /dev/kmsg >/dev/null 2>&1 && echo kmsg-readable || echo kmsg-unreadable
+{ echo '<0>forged kernel line' > /dev/kmsg; } 2>/dev/null && echo kmsg-writable || echo kmsg-unwritable
+dmesg >/dev/null 2>&1 && echo dmesg-works || echo dmesg-denied
+timeout 2 head -c 1 /proc/kmsg >/dev/null 2>&1 && echo proc-kmsg-readable || echo proc-kmsg-unreadable
+for c in /dev/console /dev/hvc0 /dev/ttyS0 /dev/tty0; do
+  { echo forged > $c; } 2>/dev/null && echo "$c writable"
+done
+python3 -c 'import ctypes, os; b = ctypes.create_string_buffer(4096); print("syslog", ctypes.CDLL(None).klogctl(3, b, 4096))' 2>/dev/null || true
+echo end
+"#;
+    let r = sbx
+        .scheduler()
+        .run(RunRequest::new(Language::Raw, code), RunOptions::default())
+        .await
+        .unwrap();
+    let out = r.stdout;
+    for want in [
+        "kmsg-unreadable\n",
+        "kmsg-unwritable\n",
+        "dmesg-denied\n",
+        "proc-kmsg-unreadable\n",
+        "end\n",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("writable\n/") && !out.contains(" writable"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("syslog ") || out.contains("syslog -1"),
+        "{out}"
+    );
     sbx.stop().await;
     assert_eq!(wait_no_qemu(), 0);
 }

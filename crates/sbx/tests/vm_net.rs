@@ -54,6 +54,9 @@ fn test_proxy(names: &[&str], tls_port: u16) -> ProxyConfig {
     ProxyConfig {
         resolver: Arc::new(resolver),
         allow_loopback_upstreams: true,
+        // The stand-ins below are benchmarking addresses, which guests reach only in a
+        // range the operator allowed.
+        allowed_ranges: vec![STAND_IN_RANGE],
         tls_ports: vec![443, tls_port],
         connect_timeout: Duration::from_secs(3),
         sni_timeout: Duration::from_secs(3),
@@ -64,6 +67,8 @@ fn test_proxy(names: &[&str], tls_port: u16) -> ProxyConfig {
 /// The guest-visible stand-in for upstreams on the host's loopback (a benchmarking
 /// address, routed via the gateway like any other).
 const STAND_IN: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The range of the stand-ins, allowed by the test proxies.
+const STAND_IN_RANGE: netproxy::Ipv4Range = netproxy::Ipv4Range::new(STAND_IN, 24);
 
 /// Like [`test_proxy`], but `names` resolve to [`STAND_IN`] in the guest, which the proxy
 /// connects to 127.0.0.1 on the host (`upstream_aliases`): the guest can reach the test's
@@ -91,6 +96,7 @@ const PUBLIC_DNS: Ipv4Addr = Ipv4Addr::new(8, 8, 8, 8);
 fn never_external(mut cfg: ProxyConfig) -> ProxyConfig {
     cfg.upstream_aliases.insert(PUBLIC_DNS, Ipv4Addr::LOCALHOST);
     cfg.allow_loopback_upstreams = true;
+    cfg.allowed_ranges.push(STAND_IN_RANGE);
     cfg
 }
 

@@ -29,6 +29,38 @@ use crate::result::millis;
 /// Extra time past the exec timeout before the host gives up on the guest.
 pub const HARD_DEADLINE_GRACE: Duration = Duration::from_secs(10);
 
+/// The host's own bounds on what the guest agent sends and how long it may take, whatever
+/// the agent claims to enforce itself: the guest is root-capable and may be hostile. An
+/// agent past one of them gets the operation an `OutcomeUnknown` error ("the VM is no
+/// longer trusted"), which closes a session and so destroys its VM.
+pub mod host_caps {
+    use std::time::Duration;
+
+    /// `ping` answered within this.
+    pub const PING: Duration = Duration::from_secs(30);
+    /// A REPL started (`warm_up`) within this (node under TCG takes seconds).
+    pub const WARM_UP: Duration = Duration::from_secs(120);
+    /// A directory listed within this.
+    pub const LIST: Duration = Duration::from_secs(30);
+    /// During a file transfer, the most time between two steps (a chunk read, a chunk
+    /// accepted for sending, the start of the operation).
+    pub const TRANSFER_IDLE: Duration = Duration::from_secs(60);
+    /// A written file acknowledged (synced and hashed in the guest) within this after its
+    /// last byte.
+    pub const WRITE_ACK: Duration = Duration::from_secs(120);
+    /// Most entries accepted in one listing.
+    pub const MAX_LIST_ENTRIES: usize = 100_000;
+    /// Longest entry name accepted in a listing, in bytes (255 bytes of a file name, each
+    /// invalid UTF-8 byte shown as a 3-byte U+FFFD).
+    pub const MAX_NAME_BYTES: usize = 3 * 255;
+    /// stdout bytes accepted per exec.
+    pub const MAX_STDOUT: usize = guest_proto::limits::MAX_STDOUT_BYTES;
+    /// stderr bytes accepted per exec.
+    pub const MAX_STDERR: usize = guest_proto::limits::MAX_STDERR_BYTES;
+    /// File bytes accepted per read.
+    pub const MAX_FILE: u64 = guest_proto::limits::MAX_FILE_BYTES;
+}
+
 /// A callback that receives output chunks as they arrive.
 pub type OutputCallback = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
@@ -186,6 +218,35 @@ fn not_the_reply(vm: &Vm, op: &str, msg: Option<GuestMessage>) -> Error {
     }
 }
 
+/// The guest agent broke one of the host's own bounds ([`host_caps`]): the error of the
+/// operation, and a VM no longer trusted (`OutcomeUnknown` closes a session, which
+/// destroys the VM).
+fn untrusted(vm: &Vm, op: &str, what: String) -> Error {
+    warn!(vm_id = %vm.id(), op, what, "the guest agent broke a host bound; the VM is no longer trusted");
+    Error::outcome_unknown(format!(
+        "the guest agent {what} during {op}; the VM is no longer trusted"
+    ))
+    .with_vm(vm.id())
+    .with_operation(op.to_owned())
+}
+
+/// `fut` within `limit`, else the [`untrusted`] error "did not answer within".
+async fn within<T>(
+    vm: &Vm,
+    op: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(untrusted(
+            vm,
+            op,
+            format!("did not answer within {} s", limit.as_secs()),
+        )),
+    }
+}
+
 fn unexpected(vm: &Vm, op: &str, msg: &GuestMessage) -> Error {
     Error::new(
         ErrorKind::Guest,
@@ -297,10 +358,30 @@ impl Vm {
                 };
                 match msg {
                     GuestMessage::Stdout(chunk) => {
+                        if out.stdout.len() + chunk.len() > host_caps::MAX_STDOUT {
+                            return Err(untrusted(
+                                self,
+                                "exec",
+                                format!(
+                                    "sent more than the {}-byte stdout limit",
+                                    host_caps::MAX_STDOUT
+                                ),
+                            ));
+                        }
                         on_stdout.call(&chunk);
                         out.stdout.extend_from_slice(&chunk);
                     }
                     GuestMessage::Stderr(chunk) => {
+                        if out.stderr.len() + chunk.len() > host_caps::MAX_STDERR {
+                            return Err(untrusted(
+                                self,
+                                "exec",
+                                format!(
+                                    "sent more than the {}-byte stderr limit",
+                                    host_caps::MAX_STDERR
+                                ),
+                            ));
+                        }
                         on_stderr.call(&chunk);
                         out.stderr.extend_from_slice(&chunk);
                     }
@@ -324,7 +405,11 @@ impl Vm {
         let collected = tokio::time::timeout(deadline, collect).await;
         cancel_on_drop.disarm();
         match collected {
-            Ok(r) => r?,
+            Ok(Err(e)) => {
+                let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;
+                return Err(e);
+            }
+            Ok(Ok(())) => {}
             Err(_) => {
                 let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;
                 return Err(Error::outcome_unknown(format!(
@@ -342,29 +427,35 @@ impl Vm {
     /// Asks the agent how it is: versions, boot and setup times, CRNG reseeds so far.
     pub async fn ping(&self) -> Result<AgentInfo> {
         let _busy = Busy::enter(self)?;
-        let mut stream = dispatch(
-            self,
-            "ping",
-            HostMessage::Ping {
-                protocol_version: guest_proto::PROTOCOL_VERSION,
-            },
-        )
-        .await?;
-        match stream.recv().await.map(AgentInfo::from_pong) {
-            Some(Ok(info)) => Ok(info),
-            Some(Err(other)) => Err(not_the_reply(self, "ping", Some(other))),
-            None => Err(not_the_reply(self, "ping", None)),
-        }
+        within(self, "ping", host_caps::PING, async {
+            let mut stream = dispatch(
+                self,
+                "ping",
+                HostMessage::Ping {
+                    protocol_version: guest_proto::PROTOCOL_VERSION,
+                },
+            )
+            .await?;
+            match stream.recv().await.map(AgentInfo::from_pong) {
+                Some(Ok(info)) => Ok(info),
+                Some(Err(other)) => Err(not_the_reply(self, "ping", Some(other))),
+                None => Err(not_the_reply(self, "ping", None)),
+            }
+        })
+        .await
     }
 
     /// Starts the REPL for `language` ahead of the first exec.
     pub async fn warm_up(&self, language: Language) -> Result<()> {
         let _busy = Busy::enter(self)?;
-        let mut stream = dispatch(self, "warm_up", HostMessage::WarmUp { language }).await?;
-        match stream.recv().await {
-            Some(GuestMessage::WarmUpDone { .. }) => Ok(()),
-            other => Err(not_the_reply(self, "warm_up", other)),
-        }
+        within(self, "warm_up", host_caps::WARM_UP, async {
+            let mut stream = dispatch(self, "warm_up", HostMessage::WarmUp { language }).await?;
+            match stream.recv().await {
+                Some(GuestMessage::WarmUpDone { .. }) => Ok(()),
+                other => Err(not_the_reply(self, "warm_up", other)),
+            }
+        })
+        .await
     }
 
     /// Streams `reader` into the guest file `path` (relative to `/home/user`).
@@ -381,13 +472,18 @@ impl Vm {
         guest_proto::limits::normalize_guest_path(path, false)
             .map_err(|e| Error::input("path", e.to_string()))?;
         let _busy = Busy::enter(self)?;
-        let mut stream = dispatch(
+        let mut stream = within(
             self,
             "write_file",
-            HostMessage::WriteFile {
-                path: path.to_owned(),
-                executable,
-            },
+            host_caps::TRANSFER_IDLE,
+            dispatch(
+                self,
+                "write_file",
+                HostMessage::WriteFile {
+                    path: path.to_owned(),
+                    executable,
+                },
+            ),
         )
         .await?;
         let op = stream.op_id;
@@ -423,26 +519,33 @@ impl Vm {
                     ),
                 ));
             }
+            within(self, "write_file", host_caps::TRANSFER_IDLE, async {
+                self.conn()
+                    .send(
+                        op,
+                        HostMessage::WriteChunk(Bytes::copy_from_slice(&buf[..n])),
+                    )
+                    .await
+                    .map_err(|_| lost(self, "write_file"))
+            })
+            .await?;
+        }
+        let (size, digest) = hasher.finish();
+        let ack = within(self, "write_file", host_caps::WRITE_ACK, async {
             self.conn()
                 .send(
                     op,
-                    HostMessage::WriteChunk(Bytes::copy_from_slice(&buf[..n])),
+                    HostMessage::WriteEnd {
+                        size,
+                        sha256: digest.0,
+                    },
                 )
                 .await
                 .map_err(|_| lost(self, "write_file"))?;
-        }
-        let (size, digest) = hasher.finish();
-        self.conn()
-            .send(
-                op,
-                HostMessage::WriteEnd {
-                    size,
-                    sha256: digest.0,
-                },
-            )
-            .await
-            .map_err(|_| lost(self, "write_file"))?;
-        match stream.recv().await {
+            Ok(stream.recv().await)
+        })
+        .await?;
+        match ack {
             Some(GuestMessage::FileWritten { size: s, sha256 })
                 if s == size && sha256 == digest.0 =>
             {
@@ -466,18 +569,42 @@ impl Vm {
         guest_proto::limits::normalize_guest_path(path, false)
             .map_err(|e| Error::input("path", e.to_string()))?;
         let _busy = Busy::enter(self)?;
-        let mut stream = dispatch(
+        let mut stream = within(
             self,
             "read_file",
-            HostMessage::ReadFile {
-                path: path.to_owned(),
-            },
+            host_caps::TRANSFER_IDLE,
+            dispatch(
+                self,
+                "read_file",
+                HostMessage::ReadFile {
+                    path: path.to_owned(),
+                },
+            ),
         )
         .await?;
         let mut hasher = Sha256Hasher::new();
         loop {
-            match stream.recv().await {
+            let next = within(self, "read_file", host_caps::TRANSFER_IDLE, async {
+                Ok(stream.recv().await)
+            })
+            .await;
+            let next = match next {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;
+                    return Err(e);
+                }
+            };
+            match next {
                 Some(GuestMessage::FileChunk(chunk)) => {
+                    if hasher.len() + chunk.len() as u64 > host_caps::MAX_FILE {
+                        let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;
+                        return Err(untrusted(
+                            self,
+                            "read_file",
+                            format!("sent more than the {}-byte file limit", host_caps::MAX_FILE),
+                        ));
+                    }
                     hasher.update(&chunk);
                     if let Err(e) = writer.write_all(&chunk).await {
                         let _ = self.conn().send(stream.op_id, HostMessage::Cancel).await;
@@ -510,18 +637,46 @@ impl Vm {
         guest_proto::limits::normalize_guest_path(path, true)
             .map_err(|e| Error::input("path", e.to_string()))?;
         let _busy = Busy::enter(self)?;
-        let mut stream = dispatch(
-            self,
-            "list_files",
-            HostMessage::ListDir {
-                path: path.to_owned(),
-            },
-        )
+        let entries = within(self, "list_files", host_caps::LIST, async {
+            let mut stream = dispatch(
+                self,
+                "list_files",
+                HostMessage::ListDir {
+                    path: path.to_owned(),
+                },
+            )
+            .await?;
+            match stream.recv().await {
+                Some(GuestMessage::DirListing { entries }) => Ok(entries),
+                other => Err(not_the_reply(self, "list_files", other)),
+            }
+        })
         .await?;
-        match stream.recv().await {
-            Some(GuestMessage::DirListing { entries }) => Ok(entries),
-            other => Err(not_the_reply(self, "list_files", other)),
+        if entries.len() > host_caps::MAX_LIST_ENTRIES {
+            return Err(untrusted(
+                self,
+                "list_files",
+                format!(
+                    "listed {} entries (at most {} are accepted)",
+                    entries.len(),
+                    host_caps::MAX_LIST_ENTRIES
+                ),
+            ));
         }
+        if let Some(bad) = entries.iter().find(|e| {
+            e.name.is_empty()
+                || e.name.len() > host_caps::MAX_NAME_BYTES
+                || e.name.contains(['/', '\0'])
+                || e.name == "."
+                || e.name == ".."
+        }) {
+            return Err(untrusted(
+                self,
+                "list_files",
+                format!("listed an impossible file name ({} bytes)", bad.name.len()),
+            ));
+        }
+        Ok(entries)
     }
 }
 

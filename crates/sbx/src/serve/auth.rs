@@ -96,8 +96,39 @@ impl Auth {
     }
 
     /// Reads tokens from `path`: one per line; blank lines and `#` comments are skipped.
+    ///
+    /// The file must be a regular file (not a symlink) that neither its group nor other
+    /// users can read or write (mode `0600` or stricter): a token file others can read
+    /// hands out the API. Checked on the open descriptor, so the file read is the file
+    /// checked.
     pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!(
+                "token file {} is not a regular file",
+                path.display()
+            ));
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "token file {} is readable or writable by others (mode {mode:04o}); \
+                 run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            ));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text)
             .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
         let tokens: Vec<&str> = text
             .lines()
@@ -191,6 +222,29 @@ mod tests {
         );
     }
 
+    fn set_mode(p: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn token_file_readable_by_others_or_a_symlink_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokens");
+        std::fs::write(&p, "token-number-one-xyz\n").unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o602] {
+            set_mode(&p, mode);
+            let err = Auth::from_file(&p).unwrap_err();
+            assert!(err.contains("chmod 600"), "{mode:o}: {err}");
+        }
+        set_mode(&p, 0o400);
+        assert!(Auth::from_file(&p).is_ok());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(Auth::from_file(&link).is_err());
+        assert!(Auth::from_file(dir.path()).is_err());
+    }
+
     #[test]
     fn token_file_skips_comments() {
         let dir = tempfile::tempdir().unwrap();
@@ -200,6 +254,7 @@ mod tests {
             "# ops\n\n  token-number-one-xyz  \ntoken-number-two-xyz\n",
         )
         .unwrap();
+        set_mode(&p, 0o600);
         let auth = Auth::from_file(&p).unwrap();
         assert!(auth.check(Some(b"Bearer token-number-one-xyz")).is_some());
         assert!(auth.check(Some(b"Bearer token-number-two-xyz")).is_some());

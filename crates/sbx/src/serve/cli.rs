@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// Most live sessions per token (default: --max-sessions).
     #[arg(long)]
     pub max_sessions_per_token: Option<usize>,
+    /// Most `run` requests of one token in flight at once (beyond: 429 `too_many_runs`).
+    #[arg(long, default_value_t = 16)]
+    pub max_runs_per_token: usize,
     /// Largest JSON request body, in MB.
     #[arg(long, default_value_t = 8)]
     pub max_body_mb: u64,
@@ -99,6 +102,9 @@ impl ServeArgs {
         if self.max_sessions == 0 {
             return Err("--max-sessions must be at least 1".into());
         }
+        if self.max_runs_per_token == 0 {
+            return Err("--max-runs-per-token must be at least 1".into());
+        }
         if self.max_body_mb == 0 || self.max_file_mb == 0 {
             return Err("--max-body-mb and --max-file-mb must be at least 1".into());
         }
@@ -112,6 +118,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             max_sessions: self.max_sessions,
             max_sessions_per_token: self.max_sessions_per_token.unwrap_or(self.max_sessions),
+            max_runs_per_token: self.max_runs_per_token,
             max_body_bytes: self.max_body_mb.saturating_mul(1 << 20),
             max_file_bytes: max_file,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),

@@ -128,14 +128,28 @@ impl Drop for CancelGuard {
     ),
     security(("bearer" = []))
 )]
-pub async fn run(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    match run_inner(state, headers, body).await {
+pub async fn run(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let slot = match state.run_slot(&caller.token_id) {
+        Ok(slot) => slot,
+        Err(e) => return e.into_response(),
+    };
+    match run_inner(state, headers, body, slot).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn run_inner(state: AppState, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn run_inner(
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+    slot: super::RunSlot,
+) -> Result<Response, ApiError> {
     let b: RunBody = read_json(&headers, body, state.inner.config.max_body_bytes, false).await?;
     let mut req = b.to_request(state.inner.scheduler.config());
     req.validate()?;
@@ -155,6 +169,7 @@ async fn run_inner(state: AppState, headers: HeaderMap, body: Body) -> Result<Re
             let r = st.inner.scheduler.run(req, opts).await;
             guard.finished = true;
             record(&st.inner.metrics, Op::Run, &r);
+            drop(slot);
             r
         };
         return Ok(stream::respond(ExecStream::new(Box::pin(fut), rx), metrics).await);
@@ -165,6 +180,7 @@ async fn run_inner(state: AppState, headers: HeaderMap, body: Body) -> Result<Re
     };
     let r = state.inner.scheduler.run(req, RunOptions::default()).await;
     guard.finished = true;
+    drop(slot);
     record(&metrics, Op::Run, &r);
     Ok(Json(RunResult::from(&r?)).into_response())
 }

@@ -18,7 +18,7 @@
 //! The server can be built over any [`Scheduler`] ([`router`], [`serve`]), which is how
 //! the tests run it over the core's fakes; [`spawn_for_test`] starts one on a free port.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +64,10 @@ pub struct ServeConfig {
     pub max_sessions: usize,
     /// Most live sessions of one token; beyond: 429 `too_many_sessions`.
     pub max_sessions_per_token: usize,
+    /// Most `run` requests of one token in flight at once; beyond: 429 `too_many_runs`
+    /// (so one token's flood holds at most this many VMs, and other tokens' requests
+    /// still find capacity).
+    pub max_runs_per_token: usize,
     /// Largest JSON request body, bytes; beyond: 413.
     pub max_body_bytes: u64,
     /// Largest uploaded file, bytes; beyond: 413 (enforced while streaming).
@@ -72,6 +76,11 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// How many closed session ids answer 410 (older ones answer 404).
     pub recently_closed: usize,
+    /// Client connections open at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// keep-alive connection is kept: slow or silent clients cannot hold connections.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServeConfig {
@@ -79,10 +88,13 @@ impl Default for ServeConfig {
         Self {
             max_sessions: 32,
             max_sessions_per_token: 32,
+            max_runs_per_token: 16,
             max_body_bytes: 8 << 20,
             max_file_bytes: guest_proto::limits::MAX_FILE_BYTES,
             shutdown_grace: Duration::from_secs(10),
             recently_closed: 4096,
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -99,6 +111,31 @@ struct Inner {
     doctor: Option<DoctorFn>,
     started: Instant,
     shutting_down: AtomicBool,
+    /// `run` requests in flight per token.
+    runs: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One `run` of a token in flight, counted until dropped.
+pub(crate) struct RunSlot {
+    state: AppState,
+    token: String,
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        let mut runs = self
+            .state
+            .inner
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = runs.get_mut(&self.token) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                runs.remove(&self.token);
+            }
+        }
+    }
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -136,6 +173,7 @@ impl AppState {
                 doctor,
                 started: Instant::now(),
                 shutting_down: AtomicBool::new(false),
+                runs: std::sync::Mutex::new(std::collections::HashMap::new()),
             }),
         }
     }
@@ -158,6 +196,27 @@ impl AppState {
     /// True once a shutdown began.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Counts a `run` of `token`, or refuses it with 429 `too_many_runs` when the token
+    /// already has [`ServeConfig::max_runs_per_token`] in flight.
+    pub(crate) fn run_slot(&self, token: &str) -> Result<RunSlot, ApiError> {
+        let max = self.inner.config.max_runs_per_token;
+        let mut runs = self.inner.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let n = runs.entry(token.to_owned()).or_default();
+        if *n >= max {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "too_many_runs",
+                format!("this token already has its maximum of {max} runs in flight"),
+            )
+            .retry_after(1));
+        }
+        *n += 1;
+        Ok(RunSlot {
+            state: self.clone(),
+            token: token.to_owned(),
+        })
     }
 
     fn begin_shutdown(&self) {
@@ -245,8 +304,89 @@ async fn access_log(State(state): State<AppState>, mut req: Request, next: Next)
     resp
 }
 
+/// True when `host` (a `Host` header value, `name[:port]`) names this machine's loopback:
+/// `localhost`, an address in 127.0.0.0/8 or `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((inner, port)) if port.is_empty() || port.starts_with(':') => inner,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Without authentication (loopback only) any web page the user visits could call the
+/// API from the browser. Refused, with 403 `forbidden`:
+///
+/// - a `Host` that is not a loopback name (DNS rebinding: `evil.example` resolving to
+///   127.0.0.1 sends `Host: evil.example`);
+/// - an `Origin` (browsers send it on cross-origin and on every non-GET request) that is
+///   not this very server (`http://` + the `Host`), and `Sec-Fetch-Site: cross-site`;
+/// - a `POST` whose body is not `application/json` (HTML forms and "simple" cross-origin
+///   requests can only send form or text bodies without a preflight).
+fn browser_guard(req: &Request) -> Result<(), ApiError> {
+    let forbidden =
+        |msg: String| ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", msg);
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    if !is_loopback_host(host) {
+        return Err(forbidden(format!(
+            "without authentication only loopback Host headers are served, not {host:?}"
+        )));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !origin.eq_ignore_ascii_case(&format!("http://{host}")) {
+            return Err(forbidden(format!(
+                "cross-origin requests are refused without authentication (Origin {origin:?})"
+            )));
+        }
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return Err(forbidden(
+            "cross-site requests are refused without authentication".to_owned(),
+        ));
+    }
+    if req.method() == axum::http::Method::POST
+        && let Some(ct) = headers.get(header::CONTENT_TYPE)
+    {
+        let ct = ct.to_str().unwrap_or("");
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if !mime.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "input",
+                format!("request bodies must be application/json, not {ct:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Bearer-token check and shutdown gate of the API routes.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    if !state.inner.auth.enabled()
+        && let Err(e) = browser_guard(&req)
+    {
+        return e.into_response();
+    }
     let value = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -335,12 +475,7 @@ where
             }
         })
     };
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal)
-    .into_future();
+    let server = accept_loop(listener, app, state.inner.config.clone(), signal);
     let mut server = std::pin::pin!(server);
     let grace = state.inner.config.shutdown_grace;
     let result = tokio::select! {
@@ -369,6 +504,66 @@ where
     state.inner.scheduler.stop().await;
     info!("shutdown: every session and VM stopped");
     result
+}
+
+/// Accepts connections until `signal` resolves, then lets open connections finish their
+/// requests (graceful) and returns. At most [`ServeConfig::max_connections`] connections
+/// are served at once (the next `accept` waits for one to close), and each connection's
+/// request headers, and its idle time between requests, are bounded by
+/// [`ServeConfig::header_read_timeout`].
+async fn accept_loop<F>(
+    listener: TcpListener,
+    app: Router,
+    config: ServeConfig,
+    signal: F,
+) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::Service;
+
+    let mut make = app.into_make_service_with_connect_info::<SocketAddr>();
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        let permit = tokio::select! {
+            () = &mut signal => break,
+            p = Arc::clone(&slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, addr) = tokio::select! {
+            () = &mut signal => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(svc) = make.call(addr).await;
+        let svc = TowerToHyperService::new(svc);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// A server started by [`spawn_for_test`] (or [`spawn`]).
