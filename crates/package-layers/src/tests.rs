@@ -249,7 +249,10 @@ async fn a_corrupted_layer_is_detected_and_rebuilt() {
         .await
         .unwrap();
     assert_eq!(rebuilt.key, layer.key);
-    assert_eq!(rebuilt.digest, layer.digest);
+    // Rebuilt, not the damaged bytes (a rebuild need not be byte-identical: the files it
+    // installs carry new mtimes), and it verifies against its manifest.
+    assert_ne!(fs::read(&rebuilt.image).unwrap(), bytes);
+    assert!(h.store(h.cfg()).lookup(&rebuilt.key).is_some());
     assert_eq!(h.downloads(), 2);
     // A writable image is refused too (someone could change it under a running VM).
     fs::set_permissions(&rebuilt.image, fs::Permissions::from_mode(0o644)).unwrap();
