@@ -410,9 +410,10 @@ probe_tcp_dns("8.8.8.8", "allowed.test")
             "dns localhost 127.0.0.1",
             "connect 192.168.127.1:80 fail ConnectionRefusedError",
             "connect 192.168.127.1:8000 fail ConnectionRefusedError",
-            // The gateway's DNS answers, over UDP and TCP, and refuses every name.
+            // The gateway's DNS answers over UDP and refuses every name; in ports-only
+            // mode it takes no DNS-over-TCP connection at all (issue 16 §3).
             "udp 192.168.127.1:53 allowed.test rcode 5 answers 0",
-            "tcp 192.168.127.1:53 allowed.test rcode 5 answers 0",
+            "tcp 192.168.127.1:53 allowed.test fail ConnectionRefusedError",
             // A public resolver is refused at the SYN, not accepted and then reset.
             "tcp 8.8.8.8:53 allowed.test fail ConnectionRefusedError",
         ],
