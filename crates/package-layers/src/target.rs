@@ -76,7 +76,20 @@ impl GuestTarget {
                 names.sort_by_key(|(k, _)| k.len());
                 debian_upstream(names.last()?.1.as_str()?).to_owned()
             }
-            Language::Javascript => debian_upstream(get("nodejs")?).to_owned(),
+            // Debian's nodejs, else the runtime the image took from npm (Bun).
+            Language::Javascript => match get("nodejs") {
+                Some(v) => debian_upstream(v).to_owned(),
+                None => {
+                    let rt = image
+                        .get("inputs")?
+                        .get("npm_runtimes")?
+                        .as_array()?
+                        .first()?;
+                    let package = rt.get("package")?.as_str()?;
+                    let version = rt.get("version")?.as_str()?;
+                    format!("{package}@{version}")
+                }
+            },
             Language::Raw => return None,
         };
         Some(Self {
@@ -158,6 +171,13 @@ mod tests {
         let js = GuestTarget::from_manifest_json(&manifest(), Language::Javascript).unwrap();
         assert_eq!(js.interpreter, "18.20.4");
         assert!(GuestTarget::from_manifest_json(&manifest(), Language::Raw).is_none());
+        // An image whose runtime came from npm (Bun): no Debian nodejs.
+        let bun = serde_json::json!({"assets": {"image:javascript": {"sha256": "ef".repeat(32),
+            "inputs": {"installed_packages": {"libc6": "2.36-9+deb12u14"},
+                "npm_runtimes": [{"package": "@oven/bun-linux-x64", "version": "1.4.5"}]}}}});
+        let js = GuestTarget::from_manifest_json(&bun, Language::Javascript).unwrap();
+        assert_eq!(js.interpreter, "@oven/bun-linux-x64@1.4.5");
+        assert_eq!(js.glibc, (2, 36));
         assert!(
             GuestTarget::from_manifest_json(&serde_json::json!({}), Language::Python).is_none()
         );
